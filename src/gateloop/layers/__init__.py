@@ -1,0 +1,16 @@
+"""nn.Modules: the mixers (one file per paper) and the shared blocks.
+
+Every mixer follows one contract: ``Mixer(d_model, *, layer_idx=0, n_layers=1, **options)`` and
+``forward(x: [B, T, D], state=None) -> (y: [B, T, D], state)``. MIXERS is the one registry.
+"""
+
+from .common import MLP, GatedMLP, RMSNorm
+from .gateloop import GateLoop
+from .transformer import Attention
+
+MIXERS = {
+    "gateloop": GateLoop,
+    "transformer": Attention,
+}
+
+__all__ = ["MIXERS", "MLP", "Attention", "GateLoop", "GatedMLP", "RMSNorm"]
