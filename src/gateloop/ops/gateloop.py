@@ -77,11 +77,16 @@ def _segsum(x: Tensor) -> Tensor:
     return x.cumsum(dim=-2)
 
 
-def _causal_decay(seg: Tensor) -> Tensor:
-    """exp(seg) on and below the diagonal, 0 above, with no inf anywhere (safe gradients)."""
+def _causal_re_decay(seg: Tensor) -> Tensor:
+    """Re(exp(seg)) on and below the diagonal, 0 above, from the output of _segsum.
+
+    Only the real part is ever needed (q and k are real), and exp(re) * cos(im) is far cheaper than
+    a complex exp. seg is 0 above the diagonal, so nothing overflows and gradients stay finite.
+    """
     T = seg.shape[-1]
     causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
-    return torch.where(causal, torch.exp(torch.where(causal, seg, 0)), 0)
+    decay = torch.exp(seg.real) * torch.cos(seg.imag) if seg.is_complex() else torch.exp(seg)
+    return torch.where(causal, decay, 0)
 
 
 def gateloop_recurrent(q, k, v, log_a, *, initial_state=None, output_final_state=False) -> Result:
@@ -122,11 +127,11 @@ def gateloop_attention(q, k, v, log_a, *, initial_state=None, output_final_state
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, *]
     log_a = log_a.permute(0, 2, 3, 1)  # [B, H, K|1, T]
     rho = log_a.real
-    W = _causal_decay(_segsum(rho))  # [B, H, K|1, T, T] = |e^{L_t - L_s}|
-    theta = None
+    seg, theta = _segsum(rho), None  # [B, H, K|1, T, T]
     if log_a.is_complex():
         theta = torch.remainder(log_a.imag.double().cumsum(-1), 2 * math.pi).to(rho.dtype)
-        W = W * torch.cos(theta.unsqueeze(-1) - theta.unsqueeze(-2))  # Re of the complex decay
+        seg = torch.complex(seg, theta.unsqueeze(-1) - theta.unsqueeze(-2))
+    W = _causal_re_decay(seg)  # Re e^{L_t - L_s}
     if log_a.shape[2] == 1:
         scores = (q @ k.transpose(-1, -2)) * W[:, :, 0]
     else:
@@ -152,19 +157,28 @@ def gateloop_attention(q, k, v, log_a, *, initial_state=None, output_final_state
     return o.transpose(1, 2).to(dtype), final_state
 
 
+def _default_chunk_size(K: int, per_head: bool) -> int:
+    """Per-channel decays build a [C, C, K] decay tensor per chunk (elementwise work), so they get
+    short chunks; one decay per head builds [C, C] and its intra-chunk part is matrix products,
+    which pay off once K is large enough to amortise them."""
+    if not per_head:
+        return 8
+    return 64 if K >= 32 else 16
+
+
 def gateloop_chunk(q, k, v, log_a, *, initial_state=None, output_final_state=False,
                    chunk_size: int | None = None) -> Result:
     """Chunked form, the training default: surrogate attention inside chunks of C steps, state
     passing between them. O(T C K + T K V), made of matrix products.
 
-    chunk_size defaults to 64 for one decay per head and 16 for per-channel decays (whose
-    intra-chunk decay tensor is [C, C, K] per chunk rather than [C, C]).
+    chunk_size defaults by shape (see _default_chunk_size): the intra-chunk part costs O(C) per
+    token and the state passing O(K V / C), so small key dims want small chunks.
     """
     dtype = v.dtype
     q, k, v, log_a, S0 = _prepare(q, k, v, log_a, initial_state)
     B, T, H, K = q.shape
     per_head = log_a.shape[-1] == 1
-    C = chunk_size or (64 if per_head else 16)
+    C = chunk_size or _default_chunk_size(K, per_head)
     if C < 1:
         raise ValueError(f"chunk_size must be positive, got {C}")
     N = -(-T // C)
@@ -178,7 +192,7 @@ def gateloop_chunk(q, k, v, log_a, *, initial_state=None, output_final_state=Fal
     b = log_a.cumsum(dim=3)  # log of the decay from the chunk's start to step c, inclusive
 
     # Intra-chunk: the surrogate attention restricted to each chunk.
-    W = _causal_decay(_segsum(log_a.transpose(-1, -2))).real  # [B, H, N, K|1, C, C]
+    W = _causal_re_decay(_segsum(log_a.transpose(-1, -2)))  # [B, H, N, K|1, C, C]
     if per_head:
         scores = (q @ k.transpose(-1, -2)) * W[..., 0, :, :]
     else:

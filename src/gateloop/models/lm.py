@@ -1,0 +1,113 @@
+"""The language model: embedding, blocks of (mixer, MLP), final norm, head; and generation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layers import MIXERS, MLP, GatedMLP, RMSNorm
+from .config import ModelConfig
+
+State = list  # one mixer state per layer (a tensor, a KV cache, ...), or None before the first call
+
+
+class Block(nn.Module):
+    """One layer: the mixer and the MLP, each in a residual branch, pre- or post-norm."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.post_norm = cfg.norm == "post"
+        self.mixer = MIXERS[cfg.mixer](cfg.d_model, layer_idx=layer_idx, n_layers=cfg.n_layers,
+                                       **cfg.mixer_options)
+        self.norm1 = RMSNorm(cfg.d_model)
+        expansion = {} if cfg.mlp_expansion is None else {"expansion": cfg.mlp_expansion}
+        self.mlp = {"swiglu": lambda: GatedMLP(cfg.d_model, **expansion),
+                    "gelu": lambda: MLP(cfg.d_model, **expansion),
+                    "none": lambda: None}[cfg.mlp]()
+        self.norm2 = RMSNorm(cfg.d_model) if self.mlp is not None else None
+
+    def forward(self, x: Tensor, state=None):
+        if self.post_norm:
+            y, state = self.mixer(x, state)
+            x = self.norm1(x + y)
+            if self.mlp is not None:
+                x = self.norm2(x + self.mlp(x))
+        else:
+            y, state = self.mixer(self.norm1(x), state)
+            x = x + y
+            if self.mlp is not None:
+                x = x + self.mlp(self.norm2(x))
+        return x, state
+
+
+class LanguageModel(nn.Module):
+    """tokens [B, T] int64 -> logits [B, T, vocab_size], carrying one state per layer.
+
+        logits, state = model(tokens)               # a whole sequence, in parallel
+        logits, state = model(next_tokens, state)   # continue from where it stopped
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        # Post-norm blocks end normalised already; pre-norm ones need a final norm.
+        self.norm = RMSNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [B, T]; got shape {tuple(tokens.shape)}")
+        x = self.embed(tokens)  # [B, T, D]
+        state = state if state is not None else [None] * len(self.blocks)
+        new_state = []
+        for block, s in zip(self.blocks, state):
+            x, s = block(x, s)
+            new_state.append(s)
+        return self.head(self.norm(x)), new_state
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 return_logits: bool = False):
+        """Sample a continuation of prompt [B, T0] (int64): tokens [B, T0 + max_new_tokens].
+
+        The prompt runs once in parallel; then one token per step, carrying the state, so a
+        recurrent mixer's memory per token does not grow with the context. temperature 0 is greedy.
+        With return_logits, also returns the logits [B, max_new_tokens, vocab] each token was drawn from.
+        """
+        if prompt.dim() != 2 or prompt.shape[1] < 1:
+            raise ValueError(f"prompt must be [B, T0] with T0 >= 1; got shape {tuple(prompt.shape)}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        logits, state = self(prompt)
+        logits = logits[:, -1]
+        tokens, seen = [prompt], []
+        for i in range(max_new_tokens):
+            seen.append(logits)
+            tokens.append(sample(logits, temperature, top_k, generator))  # [B, 1]
+            if i + 1 < max_new_tokens:  # the last token's own logits are never needed
+                logits, state = self(tokens[-1], state)
+                logits = logits[:, -1]
+        out = torch.cat(tokens, dim=1)
+        if not return_logits:
+            return out
+        return out, (torch.stack(seen, dim=1) if seen else logits[:, None, :0].expand(-1, 0, logits.shape[-1]))
+
+
+def sample(logits: Tensor, temperature: float, top_k: int | None, generator=None) -> Tensor:
+    """One token per row of logits [B, vocab] -> [B, 1]: greedy at temperature 0, else top-k sampling."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
