@@ -15,6 +15,11 @@ D = 16
 TEST_OPTIONS = {
     "gateloop": [{"chunk_size": 8}, {"head_dim": 4, "chunk_size": 8, "decay": "head"}],
     "transformer": [{"head_dim": 8}],
+    "hgrn": [{}, {"use_complex": False, "norm_order": "norm_then_gate"}],
+    "hgrn2": [{"head_dim": 4, "chunk_size": 8}, {"head_dim": 8, "output_gate": True}],
+    "lstm": [{}, {"variant": "CIFG"}, {"variant": "FGR", "hidden_size": 12}, {"variant": "NP", "hidden_size": 24}],
+    "mingru": [{"chunk_size": 8}, {"expansion": 2.0, "use_g": False, "chunk_size": 8}],
+    "minlstm": [{"chunk_size": 8}, {"expansion": 0.5, "use_g": False}],
 }
 CASES = [(name, opts) for name in MIXERS for opts in TEST_OPTIONS.get(name, [{}])]
 IDS = [f"{name}-{i}" for name in MIXERS for i in range(len(TEST_OPTIONS.get(name, [{}])))]

@@ -6,11 +6,20 @@ Every mixer follows one contract: ``Mixer(d_model, *, layer_idx=0, n_layers=1, *
 
 from .common import MLP, GatedMLP, RMSNorm
 from .gateloop import GateLoop
+from .hgrn import HGRN, HGRN2
+from .lstm import LSTM
+from .min_rnn import MinGRU, MinLSTM
 from .transformer import Attention
 
 MIXERS = {
     "gateloop": GateLoop,
+    "hgrn": HGRN,
+    "hgrn2": HGRN2,
+    "lstm": LSTM,
+    "mingru": MinGRU,
+    "minlstm": MinLSTM,
     "transformer": Attention,
 }
 
-__all__ = ["MIXERS", "MLP", "Attention", "GateLoop", "GatedMLP", "RMSNorm"]
+__all__ = ["MIXERS", "MLP", "Attention", "GateLoop", "GatedMLP", "HGRN", "HGRN2", "LSTM", "MinGRU", "MinLSTM",
+           "RMSNorm"]

@@ -1,0 +1,89 @@
+"""The LSTM mixer (Greff et al. 2015, "LSTM: A Search Space Odyssey", arXiv 1503.04069): the vanilla
+LSTM with peepholes or one of its eight variants, around the reference loop in ops/lstm.py
+(MODELS.md section 6): the sequential baseline the parallel mixers are measured against."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.lstm import GATES, PEEPHOLES, VARIANTS, State, lstm_recurrent
+
+
+class LSTM(nn.Module):
+    """An LSTM layer as a mixer: y_t = W_out LSTM(x_1 .. x_t), N = hidden_size cells.
+
+    Parameters, in the paper's symbols (G = len(GATES[variant]) blocks in torch.nn.LSTM's order
+    i, f, z, o, minus those the variant removes; see ops/lstm.py for the equations):
+      W: nn.Linear(d_model, G N), the input weights and biases of all blocks: one matmul for all steps.
+      R: [G N, N] recurrent weights.  p: [P, N] peepholes (absent for NP).
+      R_gates: [3N, 3N] gate-to-gate recurrence (FGR only).  W_out: [d_model, N], only when N != d_model.
+
+    Options:
+      variant: one of VARIANTS: "vanilla", "NIG", "NFG", "NOG", "NIAF", "NOAF", "NP", "CIFG", "FGR".
+      hidden_size: N, the number of cells (default d_model).
+      forget_bias: added to the forget gate's bias at init, so the cells start by remembering
+        (Gers et al. 2000). CIFG, whose f = 1 - i, subtracts it from the input gate's bias instead, which
+        starts f at the same value; NFG has no forget gate to bias.
+
+    Initialisation follows torch.nn.LSTM: every weight, bias and peephole U(-1/sqrt(N), 1/sqrt(N));
+    R_gates U(-1/sqrt(3N), 1/sqrt(3N)) (its fan-in is 3N). W_out is nn.Linear's default scaled by
+    1 / sqrt(2 n_layers), GPT-2 style, like the other mixers' output projections.
+
+    forward(x: [B, T, d_model], state or None) -> (y: [B, T, d_model], state). The state is the tuple
+    (y, c), each [B, N]; FGR adds the previous step's gate activations [i; f; o]: [B, 3N]. It is kept
+    in float32 (float64 for float64 inputs), whatever the input dtype.
+    """
+
+    def __init__(self, d_model: int, *, layer_idx: int = 0, n_layers: int = 1, variant: str = "vanilla",
+                 hidden_size: int | None = None, forget_bias: float = 1.0):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        N = d_model if hidden_size is None else hidden_size
+        if not isinstance(N, int) or N < 1:
+            raise ValueError(f"hidden_size must be a positive integer (or None), got {hidden_size!r}")
+        if not math.isfinite(forget_bias):
+            raise ValueError(f"forget_bias must be finite, got {forget_bias}")
+        self.d_model, self.layer_idx, self.n_layers = d_model, layer_idx, n_layers
+        self.variant, self.hidden_size, self.forget_bias = variant, N, float(forget_bias)
+        G, P = len(GATES[variant]), len(PEEPHOLES[variant])
+        self.W = nn.Linear(d_model, G * N)
+        self.R = nn.Parameter(torch.empty(G * N, N))
+        self.p = nn.Parameter(torch.empty(P, N)) if P else None
+        self.R_gates = nn.Parameter(torch.empty(3 * N, 3 * N)) if variant == "FGR" else None
+        self.W_out = nn.Linear(N, d_model, bias=False) if N != d_model else None
+        self.reset_parameters()
+        if self.W_out is not None:
+            with torch.no_grad():
+                self.W_out.weight.mul_(1 / math.sqrt(2 * n_layers))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """torch.nn.LSTM's initialisation plus the forget bias (see the class docstring)."""
+        N, gates = self.hidden_size, GATES[self.variant]
+        for w in (self.W.weight, self.W.bias, self.R, self.p):
+            if w is not None:
+                nn.init.uniform_(w, -N ** -0.5, N ** -0.5)
+        if self.R_gates is not None:
+            nn.init.uniform_(self.R_gates, -(3 * N) ** -0.5, (3 * N) ** -0.5)
+        bias = self.W.bias.view(len(gates), N)
+        if "f" in gates:
+            bias[gates.index("f")] += self.forget_bias
+        elif self.variant == "CIFG":
+            bias[gates.index("i")] -= self.forget_bias
+
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """x: [B, T, d_model], state: (y, c[, gates]) or None -> (y: [B, T, d_model], new state)."""
+        x_proj = self.W(x)  # [B, T, G N]: the only part computed for all steps at once
+        # The op accumulates in float32 itself; autocast would push the step matmuls back to bfloat16.
+        with torch.autocast(x.device.type, enabled=False):
+            y, new_state = lstm_recurrent(x_proj, self.R, self.p, R_gates=self.R_gates, variant=self.variant,
+                                          initial_state=state, output_final_state=True)
+        return (y if self.W_out is None else self.W_out(y)), new_state
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, hidden_size={self.hidden_size}, variant={self.variant!r}, "
+                f"forget_bias={self.forget_bias}")

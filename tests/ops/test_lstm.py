@@ -1,0 +1,197 @@
+"""The LSTM op against torch.nn.LSTM (NP) and against the paper's equations written out by hand for every
+variant (outputs, final states and all gradients), each variant's defining property, dtypes, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TOL, assert_close_rms
+
+from gateloop.ops.lstm import GATES, PEEPHOLES, VARIANTS, lstm_recurrent
+
+B, N, DX = 2, 4, 5
+f64 = torch.float64
+
+
+def rnd(*shape, seed):
+    return torch.randn(*shape, dtype=f64, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("T", [1, 7, 200])
+def test_np_equals_torch_lstm(T):
+    """NP is torch.nn.LSTM: outputs, final (h, c) and the gradients of every weight, x, h0 and c0."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(DX, N, batch_first=True).double()
+    x, h0, c0 = (rnd(*s, seed=i).requires_grad_() for i, s in enumerate([(B, T, DX), (1, B, N), (1, B, N)]))
+    w_y, w_h, w_c = rnd(B, T, N, seed=10), rnd(B, N, seed=11), rnd(B, N, seed=12)
+    params = [ref.weight_ih_l0, ref.weight_hh_l0, ref.bias_ih_l0, ref.bias_hh_l0]
+
+    def loss_and_grads(y, h, c):
+        loss = (y * w_y).sum() + (h * w_h).sum() + (c * w_c).sum()
+        return y.detach(), h.detach(), c.detach(), torch.autograd.grad(loss, [x, h0, c0, *params])
+
+    y_ref, (h_ref, c_ref) = ref(x, (h0, c0))
+    expected = loss_and_grads(y_ref, h_ref[0], c_ref[0])
+    x_proj = F.linear(x, ref.weight_ih_l0, ref.bias_ih_l0 + ref.bias_hh_l0)
+    y, (h, c) = lstm_recurrent(x_proj, ref.weight_hh_l0, variant="NP", initial_state=(h0[0], c0[0]),
+                               output_final_state=True)
+    actual = loss_and_grads(y, h, c)
+    for what, a, e in zip(["y", "h", "c"], actual[:3], expected[:3]):
+        assert_close_rms(a, e, what=what)
+    for what, a, e in zip(["x", "h0", "c0", "W_ih", "W_hh", "b_ih", "b_hh"], actual[3], expected[3]):
+        assert_close_rms(a, e, what=f"d/d{what}")
+
+
+def full_params(seed=0):
+    """Every weight of the vanilla LSTM plus FGR's, by name: input parts a[k] [B, T, N] per block,
+    recurrent R[k] [N, N], peepholes p[k] [N], R_gates [3N, 3N], and an initial state."""
+    leaves = {f"a{k}": rnd(B, 9, N, seed=seed + j) for j, k in enumerate("ifzo")}
+    leaves |= {f"R{k}": 0.5 * rnd(N, N, seed=seed + 10 + j) for j, k in enumerate("ifzo")}
+    leaves |= {f"p{k}": rnd(N, seed=seed + 20 + j) for j, k in enumerate("ifo")}
+    leaves |= {"R_gates": 0.5 * rnd(3 * N, 3 * N, seed=seed + 30), "y0": rnd(B, N, seed=seed + 31),
+               "c0": rnd(B, N, seed=seed + 32), "g0": torch.rand(B, 3 * N, dtype=f64)}
+    return {k: v.requires_grad_() for k, v in leaves.items()}
+
+
+def paper_lstm(P, variant, T):
+    """The paper's equations, one step at a time, with each variant's change written out."""
+    y, c, prev = P["y0"], P["c0"], P["g0"]
+    ys = []
+    for t in range(T):
+        a = {k: P[f"a{k}"][:, t] + y @ P[f"R{k}"].T for k in "ifzo"}
+        if variant == "FGR":
+            for k, extra in zip("ifo", (prev @ P["R_gates"].T).chunk(3, dim=-1)):
+                a[k] = a[k] + extra
+        peep = {k: (0 if variant == "NP" else P[f"p{k}"]) for k in "ifo"}
+        i = torch.sigmoid(a["i"] + peep["i"] * c)
+        f = torch.sigmoid(a["f"] + peep["f"] * c)
+        i = torch.ones_like(i) if variant == "NIG" else i
+        f = torch.ones_like(f) if variant == "NFG" else 1 - i if variant == "CIFG" else f
+        z = a["z"] if variant == "NIAF" else torch.tanh(a["z"])
+        c = f * c + i * z
+        o = torch.sigmoid(a["o"] + peep["o"] * c)
+        o = torch.ones_like(o) if variant == "NOG" else o
+        y = o * (c if variant == "NOAF" else torch.tanh(c))
+        prev = torch.cat([i, f, o], dim=-1)
+        ys.append(y)
+    return torch.stack(ys, dim=1), ((y, c, prev) if variant == "FGR" else (y, c))
+
+
+def op_lstm(P, variant, T, dtype=f64):
+    """The op on the blocks its variant declares (GATES, PEEPHOLES), taken from the full set."""
+    cast = (lambda name: P[name].to(dtype))
+    x_proj = torch.cat([cast(f"a{k}")[:, :T] for k in GATES[variant]], dim=-1)
+    R = torch.cat([cast(f"R{k}") for k in GATES[variant]], dim=0)
+    p = torch.stack([cast(f"p{k}") for k in PEEPHOLES[variant]]) if PEEPHOLES[variant] else None
+    state = (cast("y0"), cast("c0")) + ((cast("g0"),) if variant == "FGR" else ())
+    return lstm_recurrent(x_proj, R, p, R_gates=cast("R_gates") if variant == "FGR" else None,
+                          variant=variant, initial_state=state, output_final_state=True)
+
+
+def outputs_and_grads(P, result):
+    y, state = result
+    g = torch.Generator().manual_seed(99)
+    loss = sum((s * torch.randn(s.shape, generator=g, dtype=f64).to(s.dtype)).sum() for s in [y, *state])
+    grads = torch.autograd.grad(loss, list(P.values()), allow_unused=True, materialize_grads=True)
+    return [y.detach(), *(s.detach() for s in state)], dict(zip(P, grads))
+
+
+@pytest.mark.parametrize("dtype", [f64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("T", [1, 9])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_op_matches_the_papers_equations(variant, T, dtype):
+    P = full_params()
+    out_ref, grads_ref = outputs_and_grads(P, paper_lstm(P, variant, T))
+    out, grads = outputs_and_grads(P, op_lstm(P, variant, T, dtype))
+    for j, (a, e) in enumerate(zip(out, out_ref, strict=True)):
+        assert a.dtype == dtype
+        assert_close_rms(a, e, dtype, what=f"{variant} output/state {j}")
+    for name, e in grads_ref.items():
+        assert_close_rms(grads[name], e, dtype, what=f"{variant} d/d{name}")
+        assert torch.isfinite(grads[name]).all()
+
+
+def one_step(variant, z_pre=0.0, c0=None, seed=0):
+    """One step from y0 = 0 (so R plays no part): final (y, c) for given z-block input and c0."""
+    x_proj = rnd(B, 1, len(GATES[variant]) * N, seed=seed)
+    x_proj.view(B, 1, -1, N)[:, 0, GATES[variant].index("z")] = z_pre
+    R = rnd(len(GATES[variant]) * N, N, seed=seed + 1)
+    p = rnd(len(PEEPHOLES[variant]), N, seed=seed + 2) if PEEPHOLES[variant] else None
+    R_gates = rnd(3 * N, 3 * N, seed=seed + 3) if variant == "FGR" else None
+    state = None if c0 is None else (torch.zeros(B, N, dtype=f64), c0) + (
+        (torch.zeros(B, 3 * N, dtype=f64),) if variant == "FGR" else ())
+    y, s = lstm_recurrent(x_proj, R, p, R_gates=R_gates, variant=variant, initial_state=state,
+                          output_final_state=True)
+    assert torch.equal(y[:, -1], s[0])
+    return s[0], s[1]
+
+
+def test_each_variants_defining_property():
+    c0, z = rnd(B, N, seed=5), rnd(B, N, seed=6)
+    # NIG: i = 1, so from c0 = 0 the cell is exactly z = tanh(a_z); vanilla scales it by i < 1.
+    assert_close_rms(one_step("NIG", z)[1], torch.tanh(z))
+    assert (one_step("vanilla", z)[1].abs() < torch.tanh(z).abs()).all()
+    # NFG: f = 1, so with z = 0 the cell keeps c0 exactly; vanilla forgets part of it.
+    assert torch.equal(one_step("NFG", 0.0, c0)[1], c0)
+    assert (one_step("vanilla", 0.0, c0)[1].abs() < c0.abs()).all()
+    # CIFG: f = 1 - i, a convex combination: a cell equal to z = tanh(a_z) stays put.
+    assert_close_rms(one_step("CIFG", z, torch.tanh(z))[1], torch.tanh(z))
+    # NOG: o = 1, so y = tanh(c) exactly.
+    y, c = one_step("NOG", z, c0)
+    assert torch.equal(y, torch.tanh(c))
+    # NOAF: y = o * c where vanilla has y = o * tanh(c), the same o and c in the first step (y0 = 0).
+    y, c = one_step("NOAF", z, 10 * c0)
+    y_vanilla, c_vanilla = one_step("vanilla", z, 10 * c0)
+    assert torch.equal(c, c_vanilla) and (y.abs() > 1).any() and (y_vanilla.abs() < 1).all()
+    assert_close_rms(y, y_vanilla / torch.tanh(c) * c)
+    # NIAF: g = identity, so from c0 = 0 the cell is linear in a_z (and unbounded).
+    assert_close_rms(one_step("NIAF", 10 * z)[1], 10 * one_step("NIAF", z)[1])
+    # FGR: the state carries the gates (i, f, o) in (0, 1); with R_gates = 0 it is the vanilla LSTM.
+    x_proj, R, p = rnd(B, 6, 4 * N, seed=7), rnd(4 * N, N, seed=8), rnd(3, N, seed=9)
+    y, s = lstm_recurrent(x_proj, R, p, R_gates=torch.zeros(3 * N, 3 * N, dtype=f64), variant="FGR",
+                          output_final_state=True)
+    assert len(s) == 3 and s[2].shape == (B, 3 * N) and ((s[2] > 0) & (s[2] < 1)).all()
+    assert_close_rms(y, lstm_recurrent(x_proj, R, p)[0])
+
+
+def test_block_layout():
+    """Blocks keep torch.nn.LSTM's order i, f, z, o; a removed gate loses its block and its peephole."""
+    removed = {"NIG": "i", "NFG": "f", "NOG": "o", "CIFG": "f"}
+    for variant in VARIANTS:
+        assert GATES[variant] == "ifzo".replace(removed.get(variant, "-"), "")
+        assert PEEPHOLES[variant] == ("" if variant == "NP" else GATES[variant].replace("z", ""))
+
+
+def test_bfloat16_accumulates_in_float32():
+    P = full_params()
+    with torch.no_grad():
+        y64, s64 = op_lstm(P, "vanilla", 9)
+        y16, s16 = op_lstm(P, "vanilla", 9, torch.bfloat16)
+    assert y16.dtype == torch.bfloat16 and all(s.dtype == torch.float32 for s in s16)
+    assert_close_rms(y16, y64, tol=5e-2, what="bfloat16 output")
+
+
+def test_bad_arguments_raise():
+    x, R, p = rnd(B, 3, 4 * N, seed=0), rnd(4 * N, N, seed=1), rnd(3, N, seed=2)
+    with pytest.raises(ValueError, match="variant"):
+        lstm_recurrent(x, R, p, variant="GRU")
+    with pytest.raises(ValueError, match="x_proj"):
+        lstm_recurrent(x[..., :-1], R, p)
+    with pytest.raises(ValueError, match="x_proj"):
+        lstm_recurrent(x[:, :0], R, p)
+    with pytest.raises(ValueError, match="R must be"):
+        lstm_recurrent(x[..., :3 * N], R[:3 * N], p[:2], variant="vanilla")
+    with pytest.raises(ValueError, match="needs p"):
+        lstm_recurrent(x, R, p, variant="NP")
+    with pytest.raises(ValueError, match="needs p"):
+        lstm_recurrent(x, R, None)
+    with pytest.raises(ValueError, match="R_gates"):
+        lstm_recurrent(x, R, p, variant="FGR")
+    with pytest.raises(ValueError, match="R_gates"):
+        lstm_recurrent(x, R, p, R_gates=torch.zeros(3 * N, 3 * N, dtype=f64))
+    with pytest.raises(ValueError, match="initial_state"):
+        lstm_recurrent(x, R, p, initial_state=(torch.zeros(B, N, dtype=f64),))
+    with pytest.raises(ValueError, match="initial_state"):
+        lstm_recurrent(x, R, p, R_gates=torch.zeros(3 * N, 3 * N, dtype=f64), variant="FGR",
+                       initial_state=(torch.zeros(B, N, dtype=f64),) * 2)
