@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .scan import linear_recurrence_scan
+from .scan import linear_recurrence_loop, linear_recurrence_scan
 
 Result = tuple[Tensor, Tensor | None]
 
@@ -89,6 +89,21 @@ def _causal_re_decay(seg: Tensor) -> Tensor:
     return torch.where(causal, decay, 0)
 
 
+def _local_re_decay(b: Tensor) -> Tensor:
+    """Re e^{b_t - b_s} for s <= t and 0 above, from within-chunk cumulative logs b: [..., C, K|1]
+    -> [..., K|1, C, C]. Differences of local sums are precise because |b| stays within one chunk;
+    the upper triangle (where b_t - b_s > 0 could overflow) is set to -inf before the exp, whose
+    gradient there is exp(-inf) = 0: nothing inf or NaN reaches the backward pass."""
+    b = b.transpose(-1, -2)
+    C = b.shape[-1]
+    above = torch.ones(C, C, dtype=torch.bool, device=b.device).triu(1)
+    rho = b.real[..., :, None] - b.real[..., None, :]
+    decay = torch.exp(rho.masked_fill(above, float("-inf")))
+    if b.is_complex():
+        decay = decay * torch.cos(b.imag[..., :, None] - b.imag[..., None, :])
+    return decay
+
+
 def gateloop_recurrent(q, k, v, log_a, *, initial_state=None, output_final_state=False) -> Result:
     """The reference: a plain loop over time, one state update per step. O(T K V)."""
     dtype = v.dtype
@@ -98,9 +113,9 @@ def gateloop_recurrent(q, k, v, log_a, *, initial_state=None, output_final_state
     if S is None:
         S = q.new_zeros(B, H, K, v.shape[-1], dtype=a.dtype)
     out = []
-    for t in range(T):
-        S = a[:, t] * S + k[:, t, :, :, None] * v[:, t, :, None, :]
-        out.append((q[:, t, :, :, None] * S).sum(-2).real)
+    for q_t, k_t, v_t, a_t in zip(q.unbind(1), k.unbind(1), v.unbind(1), a.unbind(1)):
+        S = a_t * S + k_t[..., :, None] * v_t[..., None, :]
+        out.append((q_t[..., :, None] * S).sum(-2).real)
     return torch.stack(out, dim=1).to(dtype), (S if output_final_state else None)
 
 
@@ -192,7 +207,7 @@ def gateloop_chunk(q, k, v, log_a, *, initial_state=None, output_final_state=Fal
     b = log_a.cumsum(dim=3)  # log of the decay from the chunk's start to step c, inclusive
 
     # Intra-chunk: the surrogate attention restricted to each chunk.
-    W = _causal_re_decay(_segsum(log_a.transpose(-1, -2)))  # [B, H, N, K|1, C, C]
+    W = _local_re_decay(b)  # [B, H, N, K|1, C, C]
     if per_head:
         scores = (q @ k.transpose(-1, -2)) * W[..., 0, :, :]
     else:
@@ -204,7 +219,7 @@ def gateloop_chunk(q, k, v, log_a, *, initial_state=None, output_final_state=Fal
     k_to_end = k * torch.exp(chunk_log_a - b)  # exponent <= 0 in real part: no overflow
     U = _matmul_real_rhs(k_to_end.transpose(-1, -2), v)  # [B, H, N, K, V]
     a_chunk = torch.exp(chunk_log_a).transpose(-1, -2)  # [B, H, N, K|1, 1]
-    S_end = linear_recurrence_scan(a_chunk.transpose(1, 2), U.transpose(1, 2), S0).transpose(1, 2)
+    S_end = linear_recurrence_loop(a_chunk.transpose(1, 2), U.transpose(1, 2), S0).transpose(1, 2)
     first = torch.zeros_like(S_end[:, :, :1]) if S0 is None else S0.unsqueeze(2)
     S_start = torch.cat([first, S_end[:, :, :-1]], dim=2)  # the state entering each chunk
     o = o + _re_matmul(q * torch.exp(b), S_start)

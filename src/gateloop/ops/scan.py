@@ -16,8 +16,10 @@ def linear_recurrence_loop(a: Tensor, x: Tensor, h0: Tensor | None = None) -> Te
     """Reference: all states h_1..h_T of h_t = a_t h_{t-1} + x_t, by a plain loop. Returns like x."""
     h = torch.zeros_like(x[:, 0]) if h0 is None else h0.to(x.dtype)
     out = []
-    for t in range(x.shape[1]):
-        h = a[:, t] * h + x[:, t]
+    # unbind, not x[:, t]: its backward is one stack, where T slices would each scatter into a
+    # full-size zero tensor (O(T^2) memory traffic).
+    for a_t, x_t in zip(a.expand(x.shape[:2] + a.shape[2:]).unbind(1), x.unbind(1)):
+        h = a_t * h + x_t
         out.append(h)
     return torch.stack(out, dim=1)
 
