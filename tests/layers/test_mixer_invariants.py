@@ -20,6 +20,10 @@ TEST_OPTIONS = {
     "lstm": [{}, {"variant": "CIFG"}, {"variant": "FGR", "hidden_size": 12}, {"variant": "NP", "hidden_size": 24}],
     "mingru": [{"chunk_size": 8}, {"expansion": 2.0, "use_g": False, "chunk_size": 8}],
     "minlstm": [{"chunk_size": 8}, {"expansion": 0.5, "use_g": False}],
+    # block_size=8: tile boundaries inside T = 37. The Pro block, then the other gate kinds and plain FoX.
+    "fox": [{"head_dim": 8, "block_size": 8}, {"head_dim": 4, "block_size": 8, "forget_gate": "bias"},
+            {"head_dim": 8, "block_size": 8, "forget_gate": "fixed", "qk_norm": False, "output_norm": False},
+            {"head_dim": 8, "block_size": 8, "forget_gate": "none", "shift": False, "output_gate": False}],
 }
 CASES = [(name, opts) for name in MIXERS for opts in TEST_OPTIONS.get(name, [{}])]
 IDS = [f"{name}-{i}" for name in MIXERS for i in range(len(TEST_OPTIONS.get(name, [{}])))]

@@ -5,6 +5,7 @@ Every mixer follows one contract: ``Mixer(d_model, *, layer_idx=0, n_layers=1, *
 """
 
 from .common import MLP, GatedMLP, RMSNorm
+from .fox import ForgettingAttention
 from .gateloop import GateLoop
 from .hgrn import HGRN, HGRN2
 from .lstm import LSTM
@@ -12,6 +13,7 @@ from .min_rnn import MinGRU, MinLSTM
 from .transformer import Attention
 
 MIXERS = {
+    "fox": ForgettingAttention,
     "gateloop": GateLoop,
     "hgrn": HGRN,
     "hgrn2": HGRN2,
@@ -21,5 +23,5 @@ MIXERS = {
     "transformer": Attention,
 }
 
-__all__ = ["MIXERS", "MLP", "Attention", "GateLoop", "GatedMLP", "HGRN", "HGRN2", "LSTM", "MinGRU", "MinLSTM",
-           "RMSNorm"]
+__all__ = ["MIXERS", "MLP", "Attention", "ForgettingAttention", "GateLoop", "GatedMLP", "HGRN", "HGRN2", "LSTM",
+           "MinGRU", "MinLSTM", "RMSNorm"]
