@@ -41,7 +41,6 @@ import sys
 import tarfile
 import tempfile
 import urllib.request
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -52,6 +51,7 @@ import numpy as np
 import torch
 
 from gateloop.errors import UserError
+from gateloop.fileio import atomic_write_bytes
 
 if TYPE_CHECKING:
     from gateloop.data.tokenizer import Tokenizer
@@ -107,23 +107,6 @@ BUILTIN_CORPORA = {
 
 def cache_dir() -> Path:
     return Path(os.environ.get("GATELOOP_CACHE") or Path.home() / ".cache/gateloop").expanduser()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path`: readers see the old file or the whole new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name in the same folder (so the rename is atomic), created with open() rather than
-    # mkstemp so that the file gets the user's umask permissions, not 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():  # only when something failed before the rename
-            tmp.unlink()
 
 
 def _one_line(text: str, limit: int = 300) -> str:

@@ -19,8 +19,8 @@ from typing import Any, Protocol
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from gateloop.data.corpora import atomic_write_bytes
 from gateloop.errors import UserError
+from gateloop.fileio import atomic_write_bytes
 
 TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_BPE_VOCAB = 4096

@@ -35,8 +35,10 @@ class GateLoop(nn.Module):
       transition: "data" (alpha_t = W_alpha x_t + b_alpha, beta_t = W_beta x_t + b_beta), "fixed"
         (alpha, beta are learned parameters independent of x: the S4 / S5 / LRU / RetNet family), or
         "none" (a = 1: causal linear attention; needs use_complex=False; decay is then irrelevant).
-      mode: which op computes the sequence: "chunk" (training default), "scan", "attention",
-        "recurrent". All four give the same outputs, states and gradients.
+      mode: which op computes the sequence: "chunk", "scan", "attention", "recurrent"; all four
+        give the same outputs, states and gradients. None (default) picks "chunk" when head_dim > 1
+        and "scan" for the max-headed layer: with K = V = 1 the chunk form's C x C matrices are
+        outer products of scalars, pure overhead (benchmarks/bench_modes.py shows the figures).
       output_gate / norm: the silu output gate and the RMSNorm of y. The norm is per head (over V
         channels, weight shared by the heads) when head_dim > 1; with head_dim = 1 a per-head norm
         would reduce y to its sign, so it then normalises all d_model channels together.
@@ -60,10 +62,12 @@ class GateLoop(nn.Module):
 
     def __init__(self, d_model: int, *, layer_idx: int = 0, n_layers: int = 1, head_dim: int = 1,
                  decay: str = "channel", use_complex: bool = True, transition: str = "data",
-                 mode: str = "chunk", output_gate: bool = True, norm: bool = True,
+                 mode: str | None = None, output_gate: bool = True, norm: bool = True,
                  transition_lr_scale: float = 0.1, chunk_size: int | None = None,
                  r_min: float = 0.9, r_max: float = 0.999, max_phase: float = math.pi / 10):
         super().__init__()
+        if mode is None:
+            mode = "chunk" if head_dim > 1 else "scan"
         if mode not in GATELOOP_MODES:
             raise ValueError(f"mode must be one of {sorted(GATELOOP_MODES)}, got {mode!r}")
         if decay not in DECAYS:

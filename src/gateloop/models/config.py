@@ -20,7 +20,7 @@ class ModelConfig:
 
     mixer: str = "gateloop"
     vocab_size: int = 256
-    d_model: int = 256
+    d_model: int = 128
     n_layers: int = 4
     mixer_options: dict[str, Any] = field(default_factory=dict)
     mlp: str = "swiglu"

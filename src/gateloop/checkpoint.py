@@ -1,0 +1,136 @@
+"""The run directory: save and load it, atomically and without running code from it.
+
+    run_dir/config.json          the RunConfig, the tokenizer's config and the step of the weights
+    run_dir/model.safetensors    weights (safetensors: data only)
+    run_dir/tokenizer.json       BPE only
+    run_dir/trainer_state.pt     everything to resume: weights, optimizer, RNG, step (weights_only load)
+    run_dir/metrics.jsonl        one JSON object per log line
+    run_dir/loss.png             the loss curves
+
+Each file is written atomically (temp file, fsync, rename). The resume state holds its own copy of
+the weights so that it is complete in one file: a kill between two renames can leave
+model.safetensors one checkpoint ahead of trainer_state.pt, never a torn pair.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+
+from .config import RunConfig
+from .data import load_tokenizer, save_tokenizer
+from .errors import UserError
+from .fileio import atomic_write_bytes, atomic_write_text
+from .models import LanguageModel, ModelConfig
+
+CONFIG, WEIGHTS, TRAINER_STATE, METRICS, LOSS_PLOT = (
+    "config.json", "model.safetensors", "trainer_state.pt", "metrics.jsonl", "loss.png")
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / CONFIG).exists()
+
+
+def save_config(run_dir: Path, cfg: RunConfig, tokenizer, step: int) -> None:
+    blob = {**cfg.to_dict(), "tokenizer": tokenizer.to_config(), "step": step}
+    atomic_write_text(run_dir / CONFIG, json.dumps(blob, indent=2) + "\n")
+
+
+def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without the tied head (safetensors refuses shared storage; it is rebuilt on load)."""
+    tied = getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if not (tied and k == "head.weight")}
+
+
+def save_weights(run_dir: Path, model: torch.nn.Module) -> None:
+    atomic_write_bytes(run_dir / WEIGHTS, safetensors.torch.save(weights_of(model)))
+
+
+def save_trainer_state(run_dir: Path, state: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(run_dir / TRAINER_STATE, buffer.getvalue())
+
+
+def read_config(run_dir: str | Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist")
+    if not (run_dir / CONFIG).exists():
+        raise UserError(f"{run_dir} is not a run directory: it has no {CONFIG}")
+    try:
+        blob = json.loads((run_dir / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{run_dir / CONFIG} is corrupt: {e}") from None
+    if not isinstance(blob, dict) or not {"model", "data", "train", "tokenizer"} <= blob.keys():
+        raise UserError(f"{run_dir / CONFIG} is not a gateloop run config")
+    return blob
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, tokenizer, RunConfig) from a run directory; UserError if anything is off."""
+    run_dir = Path(run_dir)
+    blob = read_config(run_dir)
+    cfg = RunConfig.from_dict({k: blob[k] for k in ("model", "data", "train")})
+    tokenizer = load_tokenizer(blob["tokenizer"], run_dir)
+    model = build_model(cfg.model)
+    if not (run_dir / WEIGHTS).exists():
+        raise UserError(f"{run_dir} has no {WEIGHTS}: the run saved no weights yet")
+    try:
+        weights = safetensors.torch.load((run_dir / WEIGHTS).read_bytes())
+    except SafetensorError as e:
+        raise UserError(f"{run_dir / WEIGHTS} is corrupt: {e}") from None
+    load_weights(model, weights, str(run_dir / WEIGHTS))
+    return model.to(device).eval(), tokenizer, cfg
+
+
+def build_model(cfg: ModelConfig) -> LanguageModel:
+    try:
+        return LanguageModel(cfg)
+    except (ValueError, TypeError) as e:  # the mixer rejected its options
+        raise UserError(f"model config: {e}") from None
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
+    expected = weights_of(model)
+    missing, unexpected = expected.keys() - weights.keys(), weights.keys() - expected.keys()
+    wrong = [k for k in expected.keys() & weights.keys() if expected[k].shape != weights[k].shape]
+    if missing or unexpected or wrong:
+        raise UserError(f"{where} does not match its config: missing {sorted(missing)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]}, wrong shape {sorted(wrong)[:3]}")
+    model.load_state_dict(weights, strict=False)  # strict=False only for the tied head
+
+
+def load_trainer_state(run_dir: Path) -> dict[str, Any]:
+    """The resume state, loaded with weights_only=True: a file holding code is refused."""
+    path = Path(run_dir) / TRAINER_STATE
+    if not path.exists():
+        raise UserError(f"{run_dir} has no {TRAINER_STATE}: nothing to resume from")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unreadable"
+        raise UserError(f"{path} refused: it is corrupt or holds more than tensors and plain data "
+                        f"({first[:160]})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UserError(f"{path} is corrupt: {str(e).splitlines()[0][:160]}") from None
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The metrics log, skipping a torn last line (the process may have been killed mid-append)."""
+    path = Path(run_dir) / METRICS
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows

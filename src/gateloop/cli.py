@@ -1,0 +1,119 @@
+"""The command line: a thin argparse front over train / eval / generate.
+
+Bad input (config, data, run directories) is a UserError: one line on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+RUNS = Path("runs")
+LATEST = RUNS / "latest"
+
+
+def cmd_train(args) -> None:
+    from .checkpoint import read_config
+    from .config import RunConfig, load_config
+    from .train import train
+
+    if args.resume:
+        saved = read_config(args.resume)
+        changed = {item.partition("=")[0].split(".")[0] for item in args.set}
+        if args.config or changed - {"train"}:
+            raise UserError("--resume continues a run with its own config: only train.* keys may be --set")
+        cfg = load_config(None, args.set, base=RunConfig.from_dict({k: saved[k] for k in ("model", "data", "train")}))
+        out = Path(args.resume)
+    else:
+        cfg = load_config(args.config, args.set)
+        out = Path(args.out) if args.out else RUNS / f"{cfg.model.mixer}-{time.strftime('%Y%m%d-%H%M%S')}"
+    train(cfg, out, resume=bool(args.resume), progress=not args.no_progress)
+    if out.parent.resolve() == RUNS.resolve():  # keep runs/latest pointing at the newest run
+        LATEST.unlink(missing_ok=True)
+        LATEST.symlink_to(out.name)
+
+
+def cmd_eval(args) -> None:
+    import torch
+
+    from .checkpoint import load_run
+    from .train import evaluate, prepare_data, resolve_device
+
+    device = resolve_device(args.device)
+    model, tokenizer, cfg = load_run(args.run, device)
+    data = prepare_data(cfg, tokenizer)
+    with torch.no_grad():
+        metrics = evaluate(model, data.ids[args.split], tokenizer, seq_len=cfg.train.seq_len,
+                           batch_size=cfg.train.batch_size, max_tokens=args.max_tokens or data.ids[args.split].numel(),
+                           device=device, baseline_ids=data.ids["train"])
+    print(json.dumps({"run": str(args.run), "split": args.split, **metrics}))
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from .checkpoint import load_run
+    from .train import resolve_device
+
+    if args.max_new_tokens < 0 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
+        raise UserError("--max-new-tokens and --temperature must be >= 0, --top-k >= 1")
+    device = resolve_device(args.device)
+    model, tokenizer, _ = load_run(args.run, device)
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise UserError("the prompt is empty: give at least one character with --prompt")
+    prompt = torch.tensor([ids], dtype=torch.long, device=device)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=g)
+    print(tokenizer.decode(out[0].tolist()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateloop", description="Sequence models with data-controlled "
+                                     "linear recurrence: train, evaluate, generate.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a language model (default: GateLoop on Shakespeare, bytes)")
+    p.add_argument("--config", help="TOML file with [model], [data], [train] tables")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key, e.g. model.mixer=transformer or train.steps=200 (repeatable)")
+    p.add_argument("--out", help="run directory to create (default: runs/<mixer>-<time>, linked as runs/latest)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run on its validation or test split (one JSON line)")
+    p.add_argument("--run", default=str(LATEST), help="run directory (default: runs/latest)")
+    p.add_argument("--split", choices=["val", "test"], default="val")
+    p.add_argument("--max-tokens", type=int, default=0, help="evaluate at most this many tokens (0: all)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample a continuation of a prompt from a trained run")
+    p.add_argument("--run", default=str(LATEST), help="run directory (default: runs/latest)")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"gateloop: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gateloop: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,90 @@
+"""The language model: state continuation, generation against one full pass, constant-memory state."""
+
+import pytest
+import torch
+from conftest import assert_close_rms
+
+from gateloop.layers import MIXERS
+from gateloop.models import LanguageModel, ModelConfig
+
+# Small options so that every mixer builds at d_model = 16.
+SMALL = {"gateloop": {}, "transformer": {"head_dim": 8}, "hgrn2": {"head_dim": 4}, "fox": {"head_dim": 8},
+         "lstm": {}, "hgrn": {}, "mingru": {}, "minlstm": {}}
+
+
+def tiny(mixer="gateloop", **kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(mixer=mixer, vocab_size=11, d_model=16, n_layers=2,
+                      mixer_options=kw.pop("mixer_options", SMALL.get(mixer, {})), **kw)
+    return LanguageModel(cfg).double().eval()
+
+
+@pytest.mark.parametrize("mixer", sorted(MIXERS))
+@torch.no_grad()
+def test_continuing_from_the_state_equals_one_pass(mixer):
+    model = tiny(mixer)
+    tokens = torch.randint(0, 11, (2, 30), generator=torch.Generator().manual_seed(1))
+    full, _ = model(tokens)
+    first, state = model(tokens[:, :13])
+    second, _ = model(tokens[:, 13:], state)
+    assert_close_rms(torch.cat([first, second], 1), full, torch.float64)
+
+
+@pytest.mark.parametrize("mixer", sorted(MIXERS))
+def test_generation_sees_the_logits_of_one_full_pass(mixer):
+    model = tiny(mixer)
+    prompt = torch.randint(0, 11, (2, 7), generator=torch.Generator().manual_seed(2))
+    out, seen = model.generate(prompt, 12, temperature=1.0, generator=torch.Generator().manual_seed(3),
+                               return_logits=True)
+    assert out.shape == (2, 19) and torch.equal(out[:, :7], prompt)
+    with torch.no_grad():
+        full, _ = model(out[:, :-1])
+    assert_close_rms(seen, full[:, 6:], torch.float64)
+
+
+def test_greedy_and_top_k_sampling():
+    model = tiny()
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    greedy = model.generate(prompt, 5, temperature=0)
+    assert torch.equal(greedy, model.generate(prompt, 5, temperature=0))
+    out, seen = model.generate(prompt, 20, top_k=1, return_logits=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[0, 3:], seen[0].argmax(-1))  # top-1 sampling is greedy
+    assert model.generate(prompt, 0).shape == (1, 3)
+
+
+def state_numel(state):
+    if isinstance(state, torch.Tensor):
+        return state.numel()
+    if isinstance(state, dict):
+        return sum(state_numel(s) for s in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_numel(s) for s in state)
+    return 0
+
+
+@pytest.mark.parametrize("mixer,grows", [("gateloop", False), ("hgrn2", False), ("transformer", True)])
+@torch.no_grad()
+def test_state_memory_does_not_grow_with_context_for_recurrent_mixers(mixer, grows):
+    model = tiny(mixer)
+    sizes = [state_numel(model(torch.zeros(1, T, dtype=torch.long))[1]) for T in (10, 200)]
+    assert (sizes[1] > sizes[0]) == grows, sizes
+
+
+@pytest.mark.parametrize("options", [dict(norm="post", mlp="gelu"), dict(mlp="none", tie_embeddings=False),
+                                     dict(mlp_expansion=2.0)])
+def test_block_variants_train(options):
+    model = tiny(**options).float().train()
+    tokens = torch.randint(0, 11, (2, 9))
+    logits, _ = model(tokens)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert (model.head.weight is model.embed.weight) == options.get("tie_embeddings", True)
+
+
+def test_bad_config_and_tokens_are_named():
+    with pytest.raises(ValueError, match="mixer"):
+        LanguageModel(ModelConfig(mixer="nope"))
+    with pytest.raises(ValueError, match="norm"):
+        LanguageModel(ModelConfig(norm="middle"))
+    with pytest.raises(ValueError, match="tokens"):
+        tiny()(torch.zeros(3, dtype=torch.long))

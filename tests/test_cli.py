@@ -1,0 +1,137 @@
+"""The command line as a user drives it: train, eval, generate, and one clear line + exit 2 on bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from gateloop.cli import main
+
+TINY = ["--set", "model.d_model=16", "--set", "model.n_layers=1", "--set", "train.steps=4",
+        "--set", "train.batch_size=2", "--set", "train.seq_len=16", "--set", "train.eval_tokens=256",
+        "--set", "train.eval_every=2", "--set", "train.checkpoint_every=2", "--set", "train.warmup_steps=1",
+        "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A folder of 30 small text documents."""
+    folder = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = "the cat sat on a mat while rain fell over quiet hills and rivers ran".split()
+    for i in range(30):
+        (folder / f"doc{i:02d}.txt").write_text("\n".join(" ".join(rng.choices(words, k=12)) for _ in range(20)))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "gl"
+    assert main(["train", "--out", str(out), "--set", f"data.path={corpus}", *TINY]) == 0
+    return out
+
+
+def test_train_writes_the_run_directory(run, capsys):
+    for name in ("config.json", "model.safetensors", "trainer_state.pt", "metrics.jsonl", "loss.png"):
+        assert (run / name).stat().st_size > 0, name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final = rows[-1]
+    assert final["final"] and final["step"] == 4
+    assert final["val_bits_per_byte"] > 0 and final["unigram_bits_per_byte"] > 0
+    assert json.loads((run / "config.json").read_text())["step"] == 4
+
+
+def test_eval_prints_one_json_line(run, capsys):
+    assert main(["eval", "--run", str(run), "--split", "test"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()
+    assert len(line) == 1
+    metrics = json.loads(line[0])
+    assert metrics["split"] == "test" and metrics["loss"] > 0 and metrics["bits_per_byte"] > 0
+
+
+def test_generate_continues_the_prompt(run, capsys):
+    assert main(["generate", "--run", str(run), "--prompt", "the cat", "--max-new-tokens", "20"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("the cat") and len(text.encode()) >= len("the cat") + 10
+
+
+def test_transformer_baseline_and_bpe_train(corpus, tmp_path):
+    out = tmp_path / "tf"
+    assert main(["train", "--out", str(out), "--set", f"data.path={corpus}", "--set", "model.mixer=transformer",
+                 "--set", "model.mixer_options.head_dim=8", "--set", "data.tokenizer=bpe",
+                 "--set", "data.bpe_vocab_size=300", *TINY]) == 0
+    assert (out / "tokenizer.json").exists()
+    assert main(["generate", "--run", str(out), "--prompt", "rain", "--max-new-tokens", "5"]) == 0
+
+
+def test_resume_continues_to_more_steps(corpus, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["train", "--out", str(out), "--set", f"data.path={corpus}", *TINY]) == 0
+    assert main(["train", "--resume", str(out), "--set", "train.steps=6", "--no-progress"]) == 0
+    assert json.loads((out / "config.json").read_text())["step"] == 6
+    assert main(["train", "--resume", str(out), "--set", "model.d_model=8"]) == 2
+    assert "only train.*" in capsys.readouterr().err
+
+
+def bad(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--set", "data.corpus=nope"], "unknown corpus 'nope'"),
+    (["train", "--set", "model.mixer=nope"], "unknown mixer"),
+    (["train", "--set", "model.bogus=1"], "model.bogus"),
+    (["train", "--set", "train.steps=many"], "train.steps expects an integer"),
+    (["train", "--set", "data.path=/no/such/place"], "/no/such/place"),
+    (["train", "--set", "model.mixer_options.head_dim=7"], "head_dim"),
+    (["eval", "--run", "/no/such/run"], "does not exist"),
+    (["generate", "--run", "/no/such/run"], "does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv, needle):
+    code, err = bad(capsys, *argv, *(["--out", str(tmp_path / "o")] if argv[0] == "train" else []))
+    assert code == 2 and needle in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_empty_data_is_refused(capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    code, err = bad(capsys, "train", "--out", str(tmp_path / "o"), "--set", f"data.path={empty}")
+    assert code == 2 and "empty" in err
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_an_existing_run_is_never_overwritten(run, corpus, capsys):
+    before = snapshot(run)
+    code, err = bad(capsys, "train", "--out", str(run), "--set", f"data.path={corpus}", *TINY)
+    assert code == 2 and "--resume" in err and snapshot(run) == before
+
+
+@pytest.mark.parametrize("victim,content,needle", [
+    ("model.safetensors", b"not a safetensors file", "corrupt"),
+    ("config.json", b"{", "corrupt"),
+    ("config.json", b"[]", "not a gateloop run config"),
+])
+def test_corrupt_run_directories(run, tmp_path, capsys, victim, content, needle):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name, data in snapshot(run).items():
+        (copy / name).write_bytes(content if name == victim else data)
+    for cmd in (["eval", "--run", str(copy)], ["generate", "--run", str(copy)]):
+        code, err = bad(capsys, *cmd)
+        assert code == 2 and needle in err, err
+
+
+def test_console_script_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "gateloop", "eval", "--run", str(tmp_path / "none")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
