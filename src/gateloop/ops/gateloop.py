@@ -211,7 +211,9 @@ def gateloop_chunk(q, k, v, log_a, *, initial_state=None, output_final_state=Fal
     if per_head:
         scores = (q @ k.transpose(-1, -2)) * W[..., 0, :, :]
     else:
-        scores = torch.einsum("bhntk,bhnsk,bhnkts->bhnts", q, k, W)
+        # Elementwise over [C, C, K], written out: einsum here turned into one tiny matmul per
+        # (batch, head, chunk), each with its own copies.
+        scores = (W.permute(0, 1, 2, 4, 5, 3) * q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1)
     o = scores @ v  # [B, H, N, C, V]
 
     # Inter-chunk: each chunk's contribution to the state at its end, then a scan over chunks.
