@@ -24,6 +24,11 @@ TEST_OPTIONS = {
     "fox": [{"head_dim": 8, "block_size": 8}, {"head_dim": 4, "block_size": 8, "forget_gate": "bias"},
             {"head_dim": 8, "block_size": 8, "forget_gate": "fixed", "qk_norm": False, "output_norm": False},
             {"head_dim": 8, "block_size": 8, "forget_gate": "none", "shift": False, "output_gate": False}],
+    # Miras: chunk_size=8 and 5 put chunk boundaries inside T = 37, so the state carries a partial chunk.
+    "moneta": [{"head_dim": 8, "expansion": 2.0, "gate_rank": 4, "chunk_size": 8}],
+    "yaad": [{"head_dim": 8, "expansion": 2.0, "gate_rank": 4, "chunk_size": 8},
+             {"head_dim": 4, "expansion": 1.0, "gate_rank": 2, "chunk_size": 5, "output_gate": False}],
+    "memora": [{"head_dim": 8, "expansion": 2.0, "gate_rank": 4, "chunk_size": 8}],
 }
 CASES = [(name, opts) for name in MIXERS for opts in TEST_OPTIONS.get(name, [{}])]
 IDS = [f"{name}-{i}" for name in MIXERS for i in range(len(TEST_OPTIONS.get(name, [{}])))]

@@ -10,6 +10,7 @@ from .gateloop import GateLoop
 from .hgrn import HGRN, HGRN2
 from .lstm import LSTM
 from .min_rnn import MinGRU, MinLSTM
+from .miras import Memora, Moneta, Yaad
 from .transformer import Attention
 
 MIXERS = {
@@ -18,10 +19,13 @@ MIXERS = {
     "hgrn": HGRN,
     "hgrn2": HGRN2,
     "lstm": LSTM,
+    "memora": Memora,
     "mingru": MinGRU,
     "minlstm": MinLSTM,
+    "moneta": Moneta,
     "transformer": Attention,
+    "yaad": Yaad,
 }
 
 __all__ = ["MIXERS", "MLP", "Attention", "ForgettingAttention", "GateLoop", "GatedMLP", "HGRN", "HGRN2", "LSTM",
-           "MinGRU", "MinLSTM", "RMSNorm"]
+           "Memora", "MinGRU", "MinLSTM", "Moneta", "RMSNorm", "Yaad"]

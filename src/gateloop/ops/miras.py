@@ -1,0 +1,202 @@
+"""Miras (Behrouz et al. 2025): a deep memory trained at test time, chunk by chunk (MODELS.md section 5,
+docs/models/miras.md for the equations and every choice the paper left open). EXPERIMENTAL.
+
+The memory, per (batch element, head), maps a key dim Dh to the same Dh (the residual needs K = V):
+
+    M(W; x) = x + LN(gelu(s x W1) W2)      W1: [Dh, F], W2: [F, Dh], LN without affine, s = 1 (Memora: F)
+
+Each rule keeps its own parameterisation P of W (the "accumulator") and updates it with per-channel
+retention alpha_t and learning rate eta_t (channel i scales row i of W1 and column i of W2):
+
+    moneta: P = A,     A_t = alpha_t A_{t-1} - eta_t G_t,             W = A / ||A||_q^(q-2)  (per matrix)
+    yaad:   P = W,     W_t = alpha_t W_{t-1} - eta_t G_t
+    memora: P = log W, log W_t = log_softmax(alpha_t log W_{t-1} - eta_t G_t)   over the hidden axis F
+
+G_t = grad_W l(M(W_s; k_t) - v_t) is taken at the chunk-start weights W_s ("mini-batch" gradient
+descent), with l = (1/p)||e||_p^p (moneta), the per-coordinate Huber loss with threshold delta_t
+(yaad), or (1/2)||e||^2 (memora). Retrieval reads the chunk-start weights too: o_t = M(W_s; q_t).
+Chunks sit at absolute positions; a state carries the chunk-start accumulator ("w1", "w2"), the
+running one ("u1", "u2": the sufficient statistic of the tokens of the unfinished chunk) and
+"n", the number of those tokens (a Python int, 0 <= n < chunk_size).
+
+    o, state = miras_<mode>(q, k, v, log_alpha, eta, rule=..., initial_state={"w1", "w2"[, "u1", "u2", "n"]},
+                            delta=None, chunk_size=16, p=3.0, q_retention=4.0, output_final_state=False)
+
+q, k, v, log_alpha (<= 0), eta (>= 0), delta (> 0, yaad only): [B, T, H, Dh]; w1: [B, H, Dh, F],
+w2: [B, H, F, Dh]. o: [B, T, H, Dh] in v's dtype. Everything is computed in float32 (float64 stays
+float64) with autocast off.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+RULES = ("moneta", "yaad", "memora")
+LN_EPS = 1e-5
+State = dict  # {"w1", "w2", "u1", "u2": Tensor, "n": int}
+
+
+def memory_weights(rule: str, w1: Tensor, w2: Tensor, q_retention: float = 4.0) -> tuple[Tensor, Tensor]:
+    """The memory weights W of the update rule from their accumulator P (see the module docstring)."""
+    if rule == "moneta":
+        def normalise(a):  # A / ||A||_q^(q-2), the norm over the whole matrix
+            return a * a.abs().pow(q_retention).sum((-2, -1), keepdim=True).pow(-(q_retention - 2) / q_retention)
+        return normalise(w1), normalise(w2)
+    if rule == "memora":
+        return w1.exp(), w2.exp()
+    return w1, w2
+
+
+def input_scale(rule: str, hidden: int) -> float:
+    """s in M: Memora's W1 rows are distributions over F (entries ~ 1/F); s = F makes s W1 average 1, so
+    pre-activations stay O(|x|) rather than O(|x| / F)."""
+    return float(hidden) if rule == "memora" else 1.0
+
+
+def memory_forward(W1: Tensor, W2: Tensor, x: Tensor, scale: float = 1.0) -> Tensor:
+    """M(W; x) = x + LN(gelu(scale x W1) W2). W1: [B, H, Dh, F], W2: [B, H, F, Dh], x: [B, H, L, Dh]."""
+    u = F.gelu(scale * (x @ W1)) @ W2
+    return x + F.layer_norm(u, u.shape[-1:], eps=LN_EPS)
+
+
+def _error_grad(rule: str, e: Tensor, delta: Tensor | None, p: float) -> Tensor:
+    """dl/de for the rule's attentional bias, e = M(k) - v: [..., Dh]."""
+    if rule == "moneta":
+        return torch.sign(e) * e.abs().pow(p - 1)
+    if rule == "yaad":  # Huber per coordinate: e inside [-delta, delta], delta * sign(e) outside
+        return torch.where(e.abs() <= delta, e, delta * torch.sign(e))
+    return e
+
+
+def _weighted_gradient(rule, W1, W2, k, v, c, delta, p, scale) -> tuple[Tensor, Tensor]:
+    """sum_j c_j (.) grad_W l(W; k_j, v_j) for the tokens j of a segment, in closed form, never
+    materialising a per-token gradient. k, v, c, delta: [B, H, L, Dh] -> ([B, H, Dh, F], [B, H, F, Dh]);
+    c_j weights channel i of token j's gradient (row i of dW1, column i of dW2)."""
+    z = scale * (k @ W1)  # [B, H, L, F]
+    h = F.gelu(z)
+    u = h @ W2  # [B, H, L, Dh]
+    uc = u - u.mean(-1, keepdim=True)
+    r = torch.rsqrt(uc.pow(2).mean(-1, keepdim=True) + LN_EPS)
+    n = uc * r
+    g = _error_grad(rule, k + n - v, delta, p)
+    d2 = r * (g - g.mean(-1, keepdim=True) - n * (g * n).mean(-1, keepdim=True))  # dl/du through LN
+    gelu_prime = 0.5 * (1 + torch.erf(z / math.sqrt(2))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    d1 = (d2 @ W2.transpose(-1, -2)) * gelu_prime  # dl/dz: [B, H, L, F]
+    G1 = scale * ((k * c).transpose(-1, -2) @ d1)
+    G2 = h.transpose(-1, -2) @ (d2 * c)
+    return G1, G2
+
+
+def _retain(rule: str, a: Tensor, u1: Tensor, u2: Tensor, G1: Tensor, G2: Tensor) -> tuple[Tensor, Tensor]:
+    """P <- a (.) P - G with per-channel a: [B, H, Dh] (rows of W1, columns of W2); Memora renormalises.
+    Memora's alpha is constant along the hidden axis, so renormalising once per segment equals
+    renormalising after every token (softmax ignores the constants it would have removed)."""
+    u1 = a.unsqueeze(-1) * u1 - G1
+    u2 = a.unsqueeze(-2) * u2 - G2
+    if rule == "memora":
+        return torch.log_softmax(u1, dim=-1), torch.log_softmax(u2, dim=-2)
+    return u1, u2
+
+
+def _prepare(q, k, v, log_alpha, eta, delta, rule, initial_state, chunk_size, p, q_retention):
+    """Check the contract, move to the compute dtype and to [B, H, T, Dh]; unpack the state."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if q.dim() != 4 or any(x.shape != q.shape for x in (k, v, log_alpha, eta)):
+        raise ValueError("q, k, v, log_alpha and eta must all be [B, T, H, Dh]; got "
+                         f"{[tuple(x.shape) for x in (q, k, v, log_alpha, eta)]}")
+    if (rule == "yaad") != (delta is not None) or (delta is not None and delta.shape != q.shape):
+        raise ValueError("delta [B, T, H, Dh] is required by rule 'yaad' and only by it")
+    if q.shape[1] < 1:
+        raise ValueError("the sequence must hold at least one step (T >= 1)")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if not p >= 2 or not q_retention >= 2:
+        raise ValueError(f"need p >= 2 and q_retention >= 2 (smooth inner gradients), got {p}, {q_retention}")
+    if not isinstance(initial_state, dict) or not {"w1", "w2"} <= initial_state.keys():
+        raise ValueError("initial_state must be a dict holding at least the memory accumulators 'w1', 'w2'")
+    B, T, H, Dh = q.shape
+    w1, w2 = initial_state["w1"], initial_state["w2"]
+    if w1.dim() != 4 or w1.shape[:3] != (B, H, Dh) or w2.shape != (B, H, w1.shape[-1], Dh):
+        raise ValueError(f"w1 must be [B, H, Dh, F] = [{B}, {H}, {Dh}, F] and w2 [B, H, F, Dh]; "
+                         f"got {tuple(w1.shape)} and {tuple(w2.shape)}")
+    n = int(initial_state.get("n", 0))
+    if not 0 <= n < chunk_size:
+        raise ValueError(f"the state's partial chunk holds n = {n} tokens; need 0 <= n < chunk_size = {chunk_size}")
+    if len({"u1", "u2"} & initial_state.keys()) == 1 or (n > 0 and "u1" not in initial_state):
+        raise ValueError("initial_state needs both running accumulators 'u1', 'u2', or neither (then n = 0)")
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    u1, u2 = initial_state.get("u1", w1), initial_state.get("u2", w2)
+    xs = [None if x is None else x.to(dtype).transpose(1, 2) for x in (q, k, v, log_alpha, eta, delta)]
+    return xs, [w.to(dtype) for w in (w1, w2, u1, u2)], n
+
+
+def miras_chunked(q, k, v, log_alpha, eta, *, rule, initial_state, delta=None, chunk_size=16, p=3.0,
+                  q_retention=4.0, output_final_state=False) -> tuple[Tensor, State | None]:
+    """The training form: per segment (a chunk, or the part of one this call holds) one batched
+    retrieval and one closed-form gradient sum, weighted by the retention each token's gradient meets
+    before the segment's end: O(T / chunk_size) Python steps."""
+    in_dtype = v.dtype
+    with torch.autocast(q.device.type, enabled=False):
+        (q, k, v, log_alpha, eta, delta), (w1, w2, u1, u2), n = _prepare(
+            q, k, v, log_alpha, eta, delta, rule, initial_state, chunk_size, p, q_retention)
+        T, scale = q.shape[2], input_scale(rule, w1.shape[-1])
+        W, out, t = memory_weights(rule, w1, w2, q_retention), [], 0
+        while t < T:
+            s = slice(t, t + min(chunk_size - n, T - t))
+            out.append(memory_forward(*W, q[:, :, s], scale))
+            la = log_alpha[:, :, s]  # [B, H, L, Dh]
+            # Retention from after token j to the segment's end: an exclusive reverse cumulative sum.
+            after = torch.cat([la[:, :, 1:].flip(2).cumsum(2).flip(2), torch.zeros_like(la[:, :, :1])], dim=2)
+            G1, G2 = _weighted_gradient(rule, *W, k[:, :, s], v[:, :, s], eta[:, :, s] * after.exp(),
+                                        None if delta is None else delta[:, :, s], p, scale)
+            u1, u2 = _retain(rule, la.sum(2).exp(), u1, u2, G1, G2)
+            n, t = n + s.stop - s.start, s.stop
+            if n == chunk_size:  # the chunk is complete: its end is the next chunk's start
+                w1, w2, n = u1, u2, 0
+                W = memory_weights(rule, w1, w2, q_retention)
+        o = torch.cat(out, dim=2).transpose(1, 2)
+    state = {"w1": w1, "w2": w2, "u1": u1, "u2": u2, "n": n} if output_final_state else None
+    return o.to(in_dtype), state
+
+
+def _inner_loss(rule, W1, W2, k, v, delta, p, scale) -> Tensor:
+    """The attentional bias summed over batch and heads (each (b, h) owns its W: the sum separates)."""
+    e = memory_forward(W1, W2, k, scale) - v
+    if rule == "moneta":
+        return e.abs().pow(p).sum() / p
+    if rule == "yaad":
+        return torch.where(e.abs() <= delta, 0.5 * e * e, delta * (e.abs() - 0.5 * delta)).sum()
+    return 0.5 * (e * e).sum()
+
+
+def miras_recurrent(q, k, v, log_alpha, eta, *, rule, initial_state, delta=None, chunk_size=16, p=3.0,
+                    q_retention=4.0, output_final_state=False) -> tuple[Tensor, State | None]:
+    """The reference: the same chunked rule one token at a time, the inner gradient by autodiff
+    (torch.func.grad, which the outer backward pass differentiates through)."""
+    in_dtype = v.dtype
+    with torch.autocast(q.device.type, enabled=False):
+        (q, k, v, log_alpha, eta, delta), (w1, w2, u1, u2), n = _prepare(
+            q, k, v, log_alpha, eta, delta, rule, initial_state, chunk_size, p, q_retention)
+        scale, out = input_scale(rule, w1.shape[-1]), []
+        grad = torch.func.grad(lambda W1, W2, *a: _inner_loss(rule, W1, W2, *a), argnums=(0, 1))
+        for t in range(q.shape[2]):
+            s = slice(t, t + 1)
+            W = memory_weights(rule, w1, w2, q_retention)  # the chunk-start weights
+            out.append(memory_forward(*W, q[:, :, s], scale))
+            G1, G2 = grad(*W, k[:, :, s], v[:, :, s], None if delta is None else delta[:, :, s], p, scale)
+            a, lr = log_alpha[:, :, t].exp(), eta[:, :, t]  # [B, H, Dh]
+            u1, u2 = _retain(rule, a, u1, u2, lr.unsqueeze(-1) * G1, lr.unsqueeze(-2) * G2)
+            n += 1
+            if n == chunk_size:
+                w1, w2, n = u1, u2, 0
+        o = torch.cat(out, dim=2).transpose(1, 2)
+    state = {"w1": w1, "w2": w2, "u1": u1, "u2": u2, "n": n} if output_final_state else None
+    return o.to(in_dtype), state
+
+
+MIRAS_MODES = {"chunk": miras_chunked, "recurrent": miras_recurrent}
