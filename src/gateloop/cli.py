@@ -73,6 +73,52 @@ def cmd_generate(args) -> None:
     print(tokenizer.decode(out[0].tolist()))
 
 
+def cmd_task_run(args) -> None:
+    from .tasks import load_task_config, train_task
+
+    cfg = load_task_config(args.config, [f"task.name={args.name}", *args.set])
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else RUNS / f"task-{cfg.task.name}-{cfg.model.mixer}-{stamp}"
+    train_task(cfg, out, progress=not args.no_progress)
+    if args.viz:
+        from .viz import viz_attention_run
+
+        print(f"attention map: {viz_attention_run(out)}")
+
+
+def cmd_viz_attention(args) -> None:
+    from .viz import viz_attention_run
+
+    out = viz_attention_run(args.run, args.out, layer=args.layer, n_heads=args.heads, seq_len=args.seq_len,
+                            index=args.index)
+    print(f"attention map: {out}")
+
+
+def add_task_commands(sub) -> None:
+    """`gateloop task run NAME` (synthetic tasks) and `gateloop viz attention` (docs/tasks.md)."""
+    task = sub.add_parser("task", help="train a small model on a synthetic task (memory_horizon, mqar, "
+                          "selective_copy) and score it").add_subparsers(dest="task_command", required=True)
+    p = task.add_parser("run", help="train on one task; writes metrics.json and learning_curve.png")
+    p.add_argument("name", help="memory_horizon, mqar or selective_copy (BENCHMARKS.md)")
+    p.add_argument("--config", help="TOML file with [model], [train], [task] tables (e.g. configs/tasks/*.toml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key, e.g. model.mixer=hgrn, task.seq_len=64, train.steps=200 (repeatable)")
+    p.add_argument("--out", help="run directory to create (default: runs/task-<name>-<mixer>-<time>)")
+    p.add_argument("--viz", action="store_true", help="also write attention.png (GateLoop models only)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_task_run)
+
+    viz = sub.add_parser("viz", help="pictures of trained task runs").add_subparsers(dest="viz_command", required=True)
+    p = viz.add_parser("attention", help="GateLoop's surrogate attention map and transitions on a task sequence")
+    p.add_argument("--run", required=True, help="a run directory made by `gateloop task run`")
+    p.add_argument("--out", help="PNG to write (default: RUN/attention.png)")
+    p.add_argument("--layer", type=int, default=0, help="which layer (default 0)")
+    p.add_argument("--heads", type=int, default=4, help="how many heads to draw: those with the largest maps")
+    p.add_argument("--seq-len", type=int, help="sequence length (default: the task's training length)")
+    p.add_argument("--index", type=int, default=0, help="which test sequence (default 0)")
+    p.set_defaults(func=cmd_viz_attention)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateloop", description="Sequence models with data-controlled "
                                      "linear recurrence: train, evaluate, generate.")
@@ -103,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
+    add_task_commands(sub)
     return parser
 
 

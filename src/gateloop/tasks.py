@@ -1,0 +1,337 @@
+"""The synthetic-task runner: train_task(cfg, out_dir) -> metrics. Importable, no globals.
+
+    cfg = load_task_config(None, ["task.name=mqar", "model.mixer=hgrn", "train.steps=200"])
+    metrics = train_task(cfg, "runs/mqar-hgrn")      # {"test_accuracy": ..., ...}
+
+A small LanguageModel over the task's vocabulary is trained on a fixed training set drawn with seed
+2 * train.seed and scored on a test set drawn with seed 2 * train.seed + 1, from which every
+sequence that also occurs in training is removed (the count is reported). Scoring is per-token
+accuracy on the scored positions (targets of -100 are not scored). memory_horizon is also scored
+at 4 x task.seq_len, with 4 x task.max_resets resets (the same density of resets), which is
+length generalisation.
+
+The run directory holds config.json, model.safetensors, metrics.jsonl (the learning curve),
+metrics.json (the final metrics) and learning_curve.png, each written atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .config import RULES, _assign, _coerce, _flatten, _parse_value
+from .data import tasks as gen
+from .errors import UserError
+from .fileio import atomic_write_text
+from .models.config import ModelConfig
+from .train import lr_at, make_optimizer, resolve_device
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+LENGTH_FACTOR = 4  # memory_horizon is also scored at this many times the training length
+METRICS_JSON, CURVE_PLOT = "metrics.json", "learning_curve.png"
+
+
+@dataclass
+class TaskConfig:
+    """Which task, its generator's parameters (None: the generator's default, see data/tasks.py)
+    and the sizes of the data sets. A parameter of another task than `name` may not be set."""
+
+    name: str = "memory_horizon"  # memory_horizon | mqar | selective_copy
+    seq_len: int | None = None  # memory_horizon 256, mqar 128, selective_copy 64
+    n_numbers: int | None = None  # memory_horizon: N (10)
+    max_resets: int | None = None  # memory_horizon: R_max (8)
+    n_keys: int | None = None  # mqar (32)
+    n_values: int | None = None  # mqar (32)
+    n_pairs: int | None = None  # mqar (16)
+    n_data: int | None = None  # selective_copy: data tokens to copy (8)
+    n_tokens: int | None = None  # selective_copy: distinct data tokens (8)
+    n_train: int = 0  # training sequences; 0: steps * batch_size (every batch fresh)
+    n_test: int = 512  # test sequences (before removing any that occur in training)
+
+    def params(self) -> dict[str, Any]:
+        """The generator's keyword arguments that were set: {"seq_len": 64, ...}."""
+        own = gen.task_defaults(self.name)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k in own and v is not None}
+
+
+@dataclass
+class TaskTrainConfig:
+    """Optimisation for a task run; the keys mean what they mean in train.* of `gateloop train`."""
+
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 40
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0  # model initialisation and data (train set: seed 2s, test set: 2s + 1)
+    eval_every: int = 50  # test accuracy every this many steps (the learning curve)
+    log_every: int = 10
+    device: str = "auto"
+    threads: int = 0
+
+
+def _task_model() -> ModelConfig:
+    return ModelConfig(d_model=64, n_layers=2)
+
+
+@dataclass
+class TaskRunConfig:
+    model: ModelConfig = field(default_factory=_task_model)  # vocab_size is set from the task
+    train: TaskTrainConfig = field(default_factory=TaskTrainConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TaskRunConfig:
+        cfg = cls()
+        for key, value in _flatten(d):
+            _set(cfg, key, value)
+        validate_task_config(cfg)
+        return cfg
+
+
+def load_task_config(path: str | Path | None = None, overrides: list[str] = ()) -> TaskRunConfig:
+    """Defaults, then the TOML file (tables [model], [train], [task]), then each `key=value`, validated."""
+    cfg = TaskRunConfig()
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as e:
+            raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"config file {path} is not valid TOML: {e}") from None
+        for key, value in _flatten(data):
+            _set(cfg, key, value)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects key=value, got {item!r}")
+        _set(cfg, key.strip(), _parse_value(raw.strip()))
+    validate_task_config(cfg)
+    return cfg
+
+
+def _set(cfg: TaskRunConfig, key: str, value: Any) -> None:
+    """model.* and train.* go through config.py's checks; task.* is checked here the same way."""
+    section = key.split(".")[0]
+    if section in ("model", "train"):
+        _assign(cfg, key, value)
+        return
+    parts = key.split(".")
+    if section != "task" or len(parts) != 2:
+        raise UserError(f"unknown config key {key!r}: task run keys look like task.name, model.mixer, train.steps")
+    hints = typing.get_type_hints(TaskConfig)
+    if parts[1] not in hints:
+        raise UserError(f"unknown config key {key!r}; task.* keys are: {', '.join(hints)}")
+    setattr(cfg.task, parts[1], _coerce(key, value, hints[parts[1]]))
+
+
+def validate_task_config(cfg: TaskRunConfig) -> None:
+    train_fields = {f.name for f in dataclasses.fields(TaskTrainConfig)}
+    for (section, name), (ok, what) in RULES.items():
+        if section == "train" and name in train_fields and not ok(getattr(cfg.train, name)):
+            raise UserError(f"train.{name} must be {what}, got {getattr(cfg.train, name)!r}")
+    t = cfg.task
+    if t.name not in gen.TASKS:
+        raise UserError(f"task.name: unknown task {t.name!r}; choose one of {', '.join(gen.TASKS)}")
+    own = gen.task_defaults(t.name)
+    for f in dataclasses.fields(TaskConfig):
+        value = getattr(t, f.name)
+        if f.default is None and value is not None:  # a generator parameter that was set
+            if f.name not in own:
+                raise UserError(f"task.{f.name} is not a parameter of {t.name} (its parameters: {', '.join(own)})")
+            if value < 1:
+                raise UserError(f"task.{f.name} must be positive, got {value}")
+    if t.n_train < 0 or t.n_test < 1:
+        raise UserError(f"task.n_train must be >= 0 and task.n_test >= 1, got {t.n_train} and {t.n_test}")
+    try:
+        gen.TASKS[t.name](1, **t.params(), seed=0)  # the generator's own checks of its parameters
+    except ValueError as e:
+        raise UserError(f"task: {e}") from None
+    cfg.model.vocab_size = gen.vocab_size(t.name, **t.params())
+    try:
+        cfg.model.validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+@dataclass
+class TaskData:
+    train: tuple[torch.Tensor, torch.Tensor]  # inputs, targets [n_train, T]
+    test: tuple[torch.Tensor, torch.Tensor]  # [n_test', T]: without the sequences seen in training
+    overlap: int  # test sequences dropped because they occur in training
+    test_long: tuple[torch.Tensor, torch.Tensor] | None  # memory_horizon at LENGTH_FACTOR x T
+
+
+def make_task_data(cfg: TaskRunConfig) -> TaskData:
+    t, seed = cfg.task, cfg.train.seed
+    make, params = gen.TASKS[t.name], t.params()
+    n_train = t.n_train or cfg.train.steps * cfg.train.batch_size
+    train = make(n_train, **params, seed=2 * seed)
+    *test, overlap = gen.drop_overlap(train[0], *make(t.n_test, **params, seed=2 * seed + 1))
+    if not len(test[0]):
+        raise UserError(f"every test sequence of {t.name} also occurs in training: the task is too small "
+                        "to test generalisation (raise task.seq_len or the vocabulary)")
+    test_long = None
+    if t.name == "memory_horizon":
+        full = {**gen.task_defaults(t.name), **params}
+        test_long = make(t.n_test, **{**params, "seq_len": full["seq_len"] * LENGTH_FACTOR,
+                                      "max_resets": full["max_resets"] * LENGTH_FACTOR}, seed=2 * seed + 1)
+    return TaskData(train, tuple(test), overlap, test_long)
+
+
+def batch_index(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
+    """Rows of the training set for one step: passes over it in order (the first: as generated,
+    which is already random; each later pass: a permutation fixed by (seed, pass))."""
+    position = step * batch_size + torch.arange(batch_size)
+    passes, within = position // n, position % n
+    index = within.clone()
+    for p in passes.unique().tolist():
+        if p:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + p))
+            index[passes == p] = perm[within[passes == p]]
+    return index
+
+
+@torch.no_grad()
+def evaluate_accuracy(model, inputs: torch.Tensor, targets: torch.Tensor, *, batch_size: int, device) -> float:
+    """Per-token accuracy on the scored positions, each sequence from an empty state."""
+    model.eval()
+    correct = scored = 0
+    for i in range(0, len(inputs), batch_size):
+        logits, _ = model(inputs[i:i + batch_size].to(device))
+        c, s = gen.accuracy(logits, targets[i:i + batch_size].to(device))
+        correct, scored = correct + c, scored + s
+    model.train()
+    return correct / max(scored, 1)
+
+
+def train_task(cfg: TaskRunConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
+    """Train a small model on cfg.task, writing the run directory out_dir; returns the final metrics."""
+    out_dir, tc = Path(out_dir), cfg.train
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"{out_dir} already exists and is not empty: choose another --out")
+    cfg = copy.deepcopy(cfg)
+    validate_task_config(cfg)  # also sets model.vocab_size from the task
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = resolve_device(tc.device)
+    torch.manual_seed(tc.seed)
+    data = make_task_data(cfg)
+    model = ckpt.build_model(cfg.model).to(device)
+    optimizer = make_optimizer(model, tc)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / ckpt.CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
+    (out_dir / ckpt.METRICS).write_text("")
+
+    n_params = sum(p.numel() for p in model.parameters())
+    x_train, y_train = data.train
+    print(f"{cfg.task.name} with {cfg.model.mixer} {cfg.model.mixer_options or ''}: {n_params / 1e3:.1f}k "
+          f"parameters; {len(x_train):,} train / {len(data.test[0]):,} test sequences of length "
+          f"{x_train.shape[1]} ({data.overlap} test sequences dropped as seen in training); {tc.steps} steps "
+          f"on {device}; run directory {out_dir}", flush=True)
+
+    def log(row: dict) -> None:
+        with open(out_dir / ckpt.METRICS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def test_accuracy() -> float:
+        return evaluate_accuracy(model, *data.test, batch_size=tc.batch_size, device=device)
+
+    start = time.perf_counter()
+    model.train()
+    bar = tqdm(total=tc.steps, disable=not progress, unit="step", dynamic_ncols=True)
+    for step in range(tc.steps):
+        index = batch_index(step, tc.batch_size, len(x_train), tc.seed)
+        x, y = x_train[index].to(device), y_train[index].to(device)
+        lr = lr_at(step, tc)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        logits, _ = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=gen.IGNORE)
+        if not torch.isfinite(loss):
+            raise UserError(f"non-finite loss at step {step} of {cfg.task.name}: try a lower train.lr")
+        loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.steps:
+            log({"step": done, "train_loss": loss.item(), "lr": lr})
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if done % tc.eval_every == 0 and done < tc.steps:
+            acc = test_accuracy()
+            log({"step": done, "test_accuracy": acc})
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}", refresh=False)
+    bar.close()
+    train_seconds = time.perf_counter() - start
+
+    metrics = {"task": cfg.task.name, "mixer": cfg.model.mixer, "mixer_options": cfg.model.mixer_options,
+               "seed": tc.seed, "steps": tc.steps, "parameters": n_params, "seq_len": int(x_train.shape[1]),
+               "test_accuracy": test_accuracy(), "test_sequences": len(data.test[0]),
+               "test_overlap_removed": data.overlap, "train_seconds": round(train_seconds, 1)}
+    if data.test_long is not None:
+        metrics["test_accuracy_4x"] = evaluate_accuracy(model, *data.test_long, batch_size=tc.batch_size,
+                                                        device=device)
+    log({"step": tc.steps, "test_accuracy": metrics["test_accuracy"], "final": True})
+    ckpt.save_weights(out_dir, model)
+    atomic_write_text(out_dir / METRICS_JSON, json.dumps(metrics, indent=2) + "\n")
+    from .viz import plot_learning_curve
+
+    plot_learning_curve(ckpt.read_metrics(out_dir), out_dir / CURVE_PLOT,
+                        title=f"{cfg.task.name}: {cfg.model.mixer} {_options_label(cfg.model.mixer_options)}")
+    extra = f", at {LENGTH_FACTOR}x length {metrics['test_accuracy_4x']:.4f}" if data.test_long is not None else ""
+    print(f"test accuracy {metrics['test_accuracy']:.4f}{extra} ({train_seconds:.0f} s of training)")
+    return metrics
+
+
+def _options_label(options: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in options.items())
+
+
+def load_task_run(run_dir: str | Path, device="cpu"):
+    """(model in eval mode, TaskRunConfig) from a task run directory; UserError if anything is off."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    run_dir = Path(run_dir)
+    if not (run_dir / ckpt.CONFIG).exists():
+        raise UserError(f"{run_dir} is not a task run directory: it has no {ckpt.CONFIG}")
+    try:
+        blob = json.loads((run_dir / ckpt.CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{run_dir / ckpt.CONFIG} is corrupt: {e}") from None
+    if not isinstance(blob, dict) or set(blob) != {"model", "train", "task"}:
+        raise UserError(f"{run_dir / ckpt.CONFIG} is not a task run config (made by `gateloop task run`)")
+    cfg = TaskRunConfig.from_dict(blob)
+    model = ckpt.build_model(cfg.model)
+    if not (run_dir / ckpt.WEIGHTS).exists():
+        raise UserError(f"{run_dir} has no {ckpt.WEIGHTS}: the run did not finish")
+    try:
+        weights = safetensors.torch.load((run_dir / ckpt.WEIGHTS).read_bytes())
+    except SafetensorError as e:
+        raise UserError(f"{run_dir / ckpt.WEIGHTS} is corrupt: {e}") from None
+    ckpt.load_weights(model, weights, str(run_dir / ckpt.WEIGHTS))
+    return model.to(device).eval(), cfg

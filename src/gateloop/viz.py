@@ -1,0 +1,168 @@
+"""Pictures of trained task models: GateLoop's surrogate attention and its transitions; learning curves.
+
+GateLoop read as attention (MODELS.md section 1, mode 3): with L_t = sum_{j<=t} log a_j,
+
+    y_t = sum_{s<=t} A[t, s] v_s,   A[t, s] = Re( q_t^T diag(exp(L_t - L_s)) k_s )   per head,
+
+a T x T map whose relative-position weighting exp(L_t - L_s) is controlled by the data: a transition
+with |a| near 0 (a RESET, say) cuts every line of sight across it. attention_map() draws A for some
+heads of one layer, on one task sequence, with the resets of memory_horizon marked, beside the
+transitions |a_t| and arg a_t of every channel over time.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .errors import UserError
+from .fileio import atomic_write_bytes
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    plt = _pyplot()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_learning_curve(rows: list[dict], path: Path, title: str = "") -> None:
+    """Training loss (left axis) and test accuracy (right axis) against step, saved as PNG."""
+    plt = _pyplot()
+    loss = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
+    acc = [(r["step"], r["test_accuracy"]) for r in rows if "test_accuracy" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if loss:
+        ax.plot(*zip(*loss), color="tab:blue", alpha=0.8, label="train loss")
+    ax.set(xlabel="step", ylabel="train loss (nats/token)", title=title)
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    if acc:
+        ax2.plot(*zip(*acc), color="tab:red", marker="o", label="test accuracy")
+    ax2.set(ylabel="test accuracy", ylim=(0, 1.02))
+    fig.legend(loc="center right", bbox_to_anchor=(0.85, 0.5))
+    fig.tight_layout()
+    _save(fig, path)
+
+
+@torch.no_grad()
+def surrogate_attention(mixer, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The GateLoop layer `mixer`'s attention map and transitions on one sequence x: [1, T, D].
+
+    Returns A: [H, T, T] float64 (A[h, t, s] as in the module docstring; 0 for s > t) and
+    log_a: [T, H, K|1] (complex when the layer uses complex transitions). A @ v equals the layer's
+    op output y (before its norm and gate): the tests check it against the recurrent reference.
+    """
+    B, T, D = x.shape
+    if B != 1:
+        raise ValueError(f"one sequence at a time: x must be [1, T, D], got {tuple(x.shape)}")
+    H, K = mixer.n_heads, mixer.head_dim
+    q = (mixer.W_q(x).view(T, H, K) * K ** -0.5).double()
+    k = mixer.W_k(x).view(T, H, K).double()
+    log_a = mixer.compute_log_a(x)[0]  # [T, H, K|1]
+    L = log_a.to(torch.complex128 if log_a.is_complex() else torch.float64).cumsum(0)
+    diff = L[:, None] - L[None, :]  # [t, s, H, K|1]: L_t - L_s
+    below = torch.ones(T, T, dtype=torch.bool).tril()[:, :, None, None]
+    # Mask s > t before the exp, where L_t - L_s > 0 could overflow.
+    magnitude = torch.exp(torch.where(below, diff.real, -math.inf))
+    decay = magnitude * torch.cos(diff.imag) if diff.is_complex() else magnitude
+    A = torch.einsum("thk,shk,tshk->hts", q, k, decay.expand(T, T, H, K))
+    return A, log_a
+
+
+def attention_map(model, tokens: Tensor, path: Path, *, layer: int = 0, n_heads: int = 4,
+                  resets: Tensor | None = None, title: str = "") -> list[int]:
+    """Draw the surrogate attention of up to n_heads heads of GateLoop layer `layer` (those with the
+    largest maps), and |a_t|, arg a_t of every channel, on tokens [T]; returns the heads shown."""
+    if not 0 <= layer < len(model.blocks):
+        raise UserError(f"--layer must be in 0..{len(model.blocks) - 1}, got {layer}")
+    mixer = model.blocks[layer].mixer
+    if not hasattr(mixer, "compute_log_a"):
+        raise UserError(f"the attention map needs a GateLoop model; this run's mixer is {model.cfg.mixer!r}")
+    captured = {}
+    handle = mixer.register_forward_pre_hook(lambda module, args: captured.setdefault("x", args[0]))
+    try:
+        with torch.no_grad():
+            model(tokens[None])
+    finally:
+        handle.remove()
+    A, log_a = surrogate_attention(mixer, captured["x"])
+    T = A.shape[-1]
+    heads = A.flatten(1).norm(dim=1).argsort(descending=True)[:n_heads].sort().values.tolist()
+    marks = torch.nonzero(resets).flatten().tolist() if resets is not None else []
+
+    plt = _pyplot()
+    cols = max(len(heads), 2)
+    fig = plt.figure(figsize=(3.2 * cols, 6.4))
+    grid = fig.add_gridspec(2, 2 * cols)
+    upper = torch.ones(T, T, dtype=torch.bool).triu(1)
+    for i, h in enumerate(heads):
+        ax = fig.add_subplot(grid[0, 2 * i:2 * i + 2])
+        a = A[h].masked_fill(upper, math.nan)
+        lim = float(A[h].abs().max()) or 1.0
+        im = ax.imshow(a.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        for m in marks:
+            ax.axvline(m, color="k", lw=0.4, alpha=0.5)
+            ax.axhline(m, color="k", lw=0.4, alpha=0.5)
+        ax.set(title=f"layer {layer}, head {h}", xlabel="source s", ylabel="target t" if i == 0 else None)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    channels = log_a.reshape(T, -1).t()  # [H * K, T]
+    panels = [("|a_t| (transition magnitude)", channels.real.exp(), "viridis", (0, 1))]
+    if log_a.is_complex():
+        phase = torch.remainder(channels.imag + math.pi, 2 * math.pi) - math.pi
+        panels.append(("arg a_t (phase, radians)", phase, "twilight", (-math.pi, math.pi)))
+    for i, (name, values, cmap, (lo, hi)) in enumerate(panels):
+        ax = fig.add_subplot(grid[1, i * cols:(i + 1) * cols])
+        im = ax.imshow(values.float().numpy(), aspect="auto", cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+        for m in marks:
+            ax.axvline(m, color="r", lw=0.6, alpha=0.7)
+        ax.set(title=name, xlabel="time t", ylabel="channel (head x key)")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    if marks:
+        title = f"{title}  (lines: RESET tokens)".strip()
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+    return heads
+
+
+def viz_attention_run(run_dir: str | Path, out: str | Path | None = None, *, layer: int = 0, n_heads: int = 4,
+                      seq_len: int | None = None, index: int = 0) -> Path:
+    """The attention map of a trained task run (`gateloop task run`) on a test sequence of its task
+    (memory_horizon: resets marked), written to out (default: run_dir/attention.png)."""
+    from .data import tasks as gen
+    from .tasks import load_task_run
+
+    if n_heads < 1 or index < 0 or (seq_len is not None and seq_len < 1):
+        raise UserError(f"--heads and --seq-len must be positive and --index >= 0, got {n_heads}, {seq_len}, {index}")
+    model, cfg = load_task_run(run_dir)
+    params = cfg.task.params()
+    if seq_len is not None:
+        params["seq_len"] = seq_len
+    try:
+        inputs, _ = gen.TASKS[cfg.task.name](index + 1, **params, seed=2 * cfg.train.seed + 1)
+    except ValueError as e:
+        raise UserError(f"--seq-len: {e}") from None
+    tokens = inputs[index]
+    resets = None
+    if cfg.task.name == "memory_horizon":
+        resets = tokens == gen.vocab_size("memory_horizon", **params) - 1
+    out = Path(out) if out else Path(run_dir) / "attention.png"
+    options = " ".join(f"{k}={v}" for k, v in cfg.model.mixer_options.items())
+    attention_map(model, tokens, out, layer=layer, n_heads=n_heads, resets=resets,
+                  title=f"{cfg.task.name}: GateLoop {options} surrogate attention".replace("  ", " "))
+    return out
