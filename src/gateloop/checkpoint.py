@@ -9,14 +9,25 @@
 
 Each file is written atomically (temp file, fsync, rename). The resume state holds its own copy of
 the weights so that it is complete in one file: a kill between two renames can leave
-model.safetensors one checkpoint ahead of trainer_state.pt, never a torn pair.
+model.safetensors one checkpoint ahead of trainer_state.pt, never a torn pair. A new run directory
+is itself created atomically: built complete (config, tokenizer, the step-0 checkpoint) in a hidden
+temp folder beside it, then renamed into place, so any folder holding config.json loads and resumes.
+A process killed mid-write leaves a hidden `.NAME.PID.HEX.tmp` file behind; resuming removes those.
+
+Nothing here runs code from the files it reads: JSON, safetensors, and torch.load(weights_only=True),
+which refuses a pickle that names a callable (a tampered trainer_state.pt) with a UserError.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
+import re
+import shutil
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +38,13 @@ from safetensors import SafetensorError
 from .config import RunConfig
 from .data import load_tokenizer, save_tokenizer
 from .errors import UserError
-from .fileio import atomic_write_bytes, atomic_write_text
+from .fileio import _fsync_dir, atomic_write_bytes, atomic_write_text
 from .models import LanguageModel, ModelConfig
 
 CONFIG, WEIGHTS, TRAINER_STATE, METRICS, LOSS_PLOT = (
     "config.json", "model.safetensors", "trainer_state.pt", "metrics.jsonl", "loss.png")
+TRAINER_STATE_KEYS = ("model", "optimizer", "rng", "step")
+_TEMP_FILE = re.compile(r"^\..+\.\d+\.[0-9a-f]{32}\.tmp$")  # fileio's temp names
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -59,6 +72,42 @@ def save_trainer_state(run_dir: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(run_dir / TRAINER_STATE, buffer.getvalue())
 
 
+def save_checkpoint(run_dir: Path, cfg: RunConfig, tokenizer, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Weights, then the resume state, then config.json's step: each file atomic, in that order."""
+    save_weights(run_dir, model)
+    save_trainer_state(run_dir, {"model": weights_of(model), "optimizer": optimizer.state_dict(),
+                                 "rng": torch.get_rng_state(), "step": step})
+    save_config(run_dir, cfg, tokenizer, step=step)
+
+
+def create_run_dir(run_dir: Path, write: Callable[[Path], None]) -> None:
+    """Make run_dir all at once: write(tmp) fills a hidden folder beside it, which is then renamed
+    to run_dir (replacing an empty folder there). A kill before the rename leaves run_dir as it was."""
+    run_dir = Path(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir.with_name(f".{run_dir.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    tmp.mkdir()
+    try:
+        write(tmp)
+        try:
+            os.replace(tmp, run_dir)
+        except OSError as e:  # someone filled run_dir meanwhile
+            raise UserError(f"cannot create the run directory {run_dir}: {e.strerror}") from None
+        _fsync_dir(run_dir.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def remove_temp_files(run_dir: Path) -> list[Path]:
+    """Delete the temp files a killed writer left in run_dir (only while no one writes there)."""
+    stale = [p for p in Path(run_dir).iterdir() if p.is_file() and _TEMP_FILE.match(p.name)]
+    for p in stale:
+        p.unlink()
+    return stale
+
+
 def read_config(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -80,6 +129,9 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     blob = read_config(run_dir)
     cfg = RunConfig.from_dict({k: blob[k] for k in ("model", "data", "train")})
     tokenizer = load_tokenizer(blob["tokenizer"], run_dir)
+    if tokenizer.vocab_size > cfg.model.vocab_size:  # its ids would fall outside the embedding
+        raise UserError(f"{run_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                        f"{cfg.model.vocab_size}")
     model = build_model(cfg.model)
     if not (run_dir / WEIGHTS).exists():
         raise UserError(f"{run_dir} has no {WEIGHTS}: the run saved no weights yet")
@@ -96,6 +148,10 @@ def build_model(cfg: ModelConfig) -> LanguageModel:
         return LanguageModel(cfg)
     except (ValueError, TypeError) as e:  # the mixer rejected its options
         raise UserError(f"model config: {e}") from None
+    except (MemoryError, OverflowError, RuntimeError) as e:  # sizes past what can be allocated
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"model config: cannot build a model this large "
+                        f"(d_model={cfg.d_model}, n_layers={cfg.n_layers}): {first}") from None
 
 
 def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
@@ -114,13 +170,35 @@ def load_trainer_state(run_dir: Path) -> dict[str, Any]:
     if not path.exists():
         raise UserError(f"{run_dir} has no {TRAINER_STATE}: nothing to resume from")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unreadable"
         raise UserError(f"{path} refused: it is corrupt or holds more than tensors and plain data "
                         f"({first[:160]})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"{path} is corrupt: {str(e).splitlines()[0][:160]}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is corrupt: {first}") from None
+    _check_trainer_state(state, path)
+    return state
+
+
+def _check_trainer_state(state: Any, path: Path) -> None:
+    """The shape of what save_checkpoint writes, so that a wrong file fails here, not mid-resume."""
+    def fail(what: str):
+        raise UserError(f"{path} is not a gateloop trainer state: {what}")
+    if not isinstance(state, dict) or not set(TRAINER_STATE_KEYS) <= state.keys():
+        fail(f"it must be a dict with keys {', '.join(TRAINER_STATE_KEYS)}")
+    if not isinstance(state["model"], dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()):
+        fail("'model' must map names to tensors")
+    opt = state["optimizer"]
+    if not isinstance(opt, dict) or not {"state", "param_groups"} <= opt.keys():
+        fail("'optimizer' is not an optimizer state dict")
+    rng = state["rng"]
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.dim() != 1:
+        fail("'rng' must be a 1-D uint8 tensor")
+    if not isinstance(state["step"], int) or isinstance(state["step"], bool) or state["step"] < 0:
+        fail("'step' must be a non-negative integer")
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

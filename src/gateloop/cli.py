@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,10 +18,10 @@ RUNS = Path("runs")
 LATEST = RUNS / "latest"
 
 
-def cmd_train(args) -> None:
+def cmd_train(args) -> int:
     from .checkpoint import read_config
     from .config import RunConfig, load_config
-    from .train import train
+    from .train import Stopped, train
 
     if args.resume:
         saved = read_config(args.resume)
@@ -32,10 +33,16 @@ def cmd_train(args) -> None:
     else:
         cfg = load_config(args.config, args.set)
         out = Path(args.out) if args.out else RUNS / f"{cfg.model.mixer}-{time.strftime('%Y%m%d-%H%M%S')}"
-    train(cfg, out, resume=bool(args.resume), progress=not args.no_progress)
-    if out.parent.resolve() == RUNS.resolve():  # keep runs/latest pointing at the newest run
+    try:
+        train(cfg, out, resume=bool(args.resume), progress=not args.no_progress)
+    except Stopped as e:  # SIGTERM: a checkpoint was saved; exit as a process killed by it would
+        print(f"gateloop: {e}", file=sys.stderr)
+        return 128 + e.signum
+    # Keep runs/latest pointing at the newest run (under torchrun, rank 0 alone writes).
+    if out.parent.resolve() == RUNS.resolve() and os.environ.get("RANK", "0") == "0":
         LATEST.unlink(missing_ok=True)
         LATEST.symlink_to(out.name)
+    return 0
 
 
 def cmd_eval(args) -> None:
@@ -156,11 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except UserError as e:
         print(f"gateloop: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gateloop: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0

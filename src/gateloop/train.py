@@ -3,13 +3,22 @@
 One readable loop: deterministic batches (drawn from a generator seeded by (seed, step), so a
 resumed run sees exactly the batches an uninterrupted one would), AdamW with warmup and cosine
 decay, per-parameter learning-rate scales (`p.lr_scale`, e.g. GateLoop's transitions), gradient
-clipping, skipped non-finite steps, periodic evaluation and atomic checkpoints.
+clipping, skipped non-finite steps, periodic evaluation and atomic checkpoints. The same loop runs
+as one process or as N under torchrun (distributed.py): each rank takes its block of the global
+batch, DDP averages gradients, rank 0 writes. SIGTERM saves a checkpoint and stops (Stopped).
+
+Resume is exact: on CPU with a fixed number of threads, a run stopped (SIGTERM, or SIGKILL after a
+checkpoint) and resumed ends with bitwise the parameters and the loss curve of an uninterrupted
+run; on GPU, within float32 tolerance unless torch's deterministic algorithms are switched on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +28,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import RunConfig
 from .data import (build_tokenizer, document_texts, encode_splits, load_corpus, load_tokenizer,
                    split_documents, unigram_bits_per_byte)
+from .distributed import resolve_device  # noqa: F401  (part of this module's interface: cli uses it)
 from .errors import UserError
 from .fileio import atomic_write_text
 from .plots import plot_losses
@@ -63,21 +74,27 @@ def get_batch(ids: torch.Tensor, batch_size: int, seq_len: int, seed: int, step:
 
 @torch.no_grad()
 def evaluate(model, ids: torch.Tensor, tokenizer, *, seq_len: int, batch_size: int, max_tokens: int,
-             device, autocast_dtype=None, baseline_ids: torch.Tensor | None = None) -> dict:
+             device, autocast_dtype=None, baseline_ids: torch.Tensor | None = None,
+             dist: distributed.Dist | None = None) -> dict:
     """Loss on consecutive, non-overlapping windows of the split (each window starts from an empty
     state), in nats per token and bits per byte of the text those target tokens spell; with
-    baseline_ids (the train split), also a unigram model's bits per byte on the same targets."""
+    baseline_ids (the train split), also a unigram model's bits per byte on the same targets.
+    Under torchrun (dist), rank r takes windows r, r + N, ... and the sums are all-reduced."""
+    dist = dist or distributed.Dist(device=torch.device(device))
     model.eval()
     n_windows = max(1, min((ids.numel() - 1) // seq_len, max_tokens // seq_len))
     seq_len = min(seq_len, ids.numel() - 1)
+    mine = torch.arange(dist.rank, n_windows, dist.world)
     total, count = 0.0, 0
-    for first in range(0, n_windows, batch_size):
-        starts = torch.arange(first, min(first + batch_size, n_windows)) * seq_len
+    for first in range(0, mine.numel(), batch_size):
+        starts = mine[first:first + batch_size] * seq_len
         chunk = ids[starts[:, None] + torch.arange(seq_len + 1)].to(device)
         with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits, _ = model(chunk[:, :-1])
         total += F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
         count += chunk[:, 1:].numel()
+    total, count = dist.sum([total, count])
+    count = int(count)
     model.train()
     targets = ids[1:1 + n_windows * seq_len]
     n_bytes = len(tokenizer.decode(targets.tolist()).encode("utf-8"))
@@ -109,118 +126,213 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"train.device is {name!r} but no CUDA device is available")
-    return device
+class Stopped(Exception):
+    """A signal (SIGTERM) stopped training after a checkpoint was saved; the CLI exits 128 + signum."""
+
+    def __init__(self, signum: int, step: int, out_dir: Path):
+        self.signum, self.step, self.out_dir = signum, step, out_dir
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved in {out_dir}: "
+                         f"continue with `gateloop train --resume {out_dir}`")
+
+
+@contextlib.contextmanager
+def _stop_requests(*signums: int):
+    """Yields a list that the given signals append to (instead of killing the process), for the loop
+    to poll between steps. Handlers can only be set from the main thread; elsewhere nothing is caught."""
+    requested: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: requested.append(signum)) for s in signums}
+    try:
+        yield requested
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
-    """Train per cfg, writing the run directory out_dir; returns the final evaluation metrics."""
-    out_dir = Path(out_dir)
-    tc = cfg.train
-    if not resume and out_dir.exists() and any(out_dir.iterdir()):
+    """Train per cfg, writing the run directory out_dir; returns the final evaluation metrics.
+
+    One process, or one of N under torchrun (see distributed.py): the same code, rank 0 writing.
+    SIGTERM saves a checkpoint at the current step, then raises Stopped. `resume=True` continues from
+    out_dir's trainer_state.pt with the same batches, learning rates and optimizer state as an
+    uninterrupted run.
+    """
+    threads = torch.get_num_threads()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    dist = distributed.init(cfg.train.device)
+    try:
+        metrics = _train(cfg, Path(out_dir), resume, progress, dist)
+        dist.barrier()
+        return metrics
+    finally:
+        dist.close()
+        torch.set_num_threads(threads)
+
+
+def _open_run(cfg: RunConfig, out_dir: Path, resume: bool) -> tuple[Data, dict | None]:
+    """Rank 0's reading of the input: the data (and tokenizer), and the resume state if resuming."""
+    if not resume and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"{out_dir} already exists and is not empty: pass --resume to continue that run, "
                         "or choose another --out")
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    device = resolve_device(tc.device)
+    if not resume:
+        return prepare_data(cfg), None
+    tokenizer = load_tokenizer(ckpt.read_config(out_dir)["tokenizer"], out_dir)
+    state = ckpt.load_trainer_state(out_dir)
+    if state["step"] > cfg.train.steps:
+        raise UserError(f"{out_dir} is at step {state['step']}, past train.steps={cfg.train.steps}: "
+                        f"--set train.steps to at least {state['step']}")
+    return prepare_data(cfg, tokenizer), state
+
+
+def _restore(state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, where: str) -> int:
+    """Load a checked trainer state into model and optimizer; returns its step. Hyperparameters in
+    the param groups (weight decay) stay as the current config sets them; only the moments load."""
+    ckpt.load_weights(model, state["model"], where)
+    current = [{k: g[k] for k in ("weight_decay", "lr_scale")} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{where} does not fit this model's optimizer: {str(e).splitlines()[0][:160]}") from None
+    for group, settings in zip(optimizer.param_groups, current):
+        group.update(settings)
+    return state["step"]
+
+
+def _train(cfg: RunConfig, out_dir: Path, resume: bool, progress: bool, dist: distributed.Dist) -> dict:
+    tc, device, main = cfg.train, dist.device, dist.is_main
+    if tc.batch_size % dist.world:
+        raise UserError(f"train.batch_size={tc.batch_size} is the global batch: it must be a multiple of the "
+                        f"{dist.world} processes")
     torch.manual_seed(tc.seed)
     autocast_dtype = torch.bfloat16 if tc.dtype == "bfloat16" else None
 
-    tokenizer = load_tokenizer(ckpt.read_config(out_dir)["tokenizer"], out_dir) if resume else None
-    data = prepare_data(cfg, tokenizer)
+    # Rank 0 reads the input; the others get its tokenizer and resume state (or its UserError).
+    opened: list = []
+    tokenizer, state = dist.on_main(lambda: _share(opened, _open_run(cfg, out_dir, resume)))
+    data = opened[0][0] if opened else prepare_data(cfg, tokenizer)
     cfg.model.vocab_size = data.tokenizer.vocab_size
     model = ckpt.build_model(cfg.model).to(device)
     optimizer = make_optimizer(model, tc)
     step, bad_steps = 0, 0
-    if resume:
-        state = ckpt.load_trainer_state(out_dir)
-        ckpt.load_weights(model, state["model"], str(out_dir / ckpt.TRAINER_STATE))
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        step = state["step"]
+    if state is not None:
+        step = _restore(state, model, optimizer, str(out_dir / ckpt.TRAINER_STATE))
+        del state
+    if main and resume:
+        ckpt.remove_temp_files(out_dir)
         _truncate_metrics(out_dir, step)
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.save_config(out_dir, cfg, data.tokenizer, step=0)
-        ckpt.save_tokenizer(data.tokenizer, out_dir)
+    elif main:
+        ckpt.create_run_dir(out_dir, lambda tmp: (ckpt.save_tokenizer(data.tokenizer, tmp),
+                                                  ckpt.save_checkpoint(tmp, cfg, data.tokenizer, model, optimizer, 0)))
+    # DDP averages the gradients of the ranks' equal shards in backward; it needs every rank's model
+    # to start equal (same seed, same state; it also broadcasts rank 0's parameters).
+    net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                     else None) if dist.world > 1 else model)
 
     n_params = sum(p.numel() for p in model.parameters())
     tokens_per_step = tc.batch_size * tc.seq_len
-    print(f"{cfg.model.mixer}: {n_params / 1e6:.2f}M parameters, {cfg.model.n_layers} layers, d_model "
-          f"{cfg.model.d_model}; {data.ids['train'].numel():,} train tokens; {tc.steps} steps of "
-          f"{tokens_per_step:,} tokens on {device}; run directory {out_dir}", flush=True)
+    say = print if main else (lambda *a, **k: None)
+    say(f"{cfg.model.mixer}: {n_params / 1e6:.2f}M parameters, {cfg.model.n_layers} layers, d_model "
+        f"{cfg.model.d_model}; {data.ids['train'].numel():,} train tokens; {tc.steps} steps of "
+        f"{tokens_per_step:,} tokens on {device}{f' x {dist.world} processes' if dist.world > 1 else ''}; "
+        f"run directory {out_dir}" + (f" (resuming at step {step})" if resume else ""), flush=True)
 
-    def save(step: int) -> None:
-        ckpt.save_weights(out_dir, model)
-        ckpt.save_trainer_state(out_dir, {"model": ckpt.weights_of(model), "optimizer": optimizer.state_dict(),
-                                          "rng": torch.get_rng_state(), "step": step})
-        ckpt.save_config(out_dir, cfg, data.tokenizer, step=step)
+    def log(row: dict) -> None:
+        if main:
+            _log(out_dir, row)
 
-    def run_eval(step: int, baseline: bool = False) -> dict:
+    def run_eval(step: int, final: bool = False) -> dict:
         result = evaluate(model, data.ids["val"], data.tokenizer, seq_len=tc.seq_len, batch_size=tc.batch_size,
                           max_tokens=tc.eval_tokens, device=device, autocast_dtype=autocast_dtype,
-                          baseline_ids=data.ids["train"] if baseline else None)
-        _log(out_dir, {"step": step, "val_loss": result["loss"], "val_bpb": result["bits_per_byte"]})
+                          baseline_ids=data.ids["train"] if final else None, dist=dist)
+        if not final:  # the final evaluation goes in the "final" row, which a resume drops and redoes
+            log({"step": step, "val_loss": result["loss"], "val_bpb": result["bits_per_byte"]})
         return result
 
     model.train()
-    bar = tqdm(total=tc.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=tc.steps, initial=step, disable=not (progress and main), unit="step", dynamic_ncols=True)
     last_log, tokens_since = time.perf_counter(), 0
-    while step < tc.steps:
-        x, y = (t.to(device) for t in get_batch(data.ids["train"], tc.batch_size, tc.seq_len, tc.seed, step))
-        lr = lr_at(step, tc)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits, _ = model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        if not torch.isfinite(loss):
-            bad_steps += 1
+    with _stop_requests(signal.SIGTERM) as stop:
+        while step < tc.steps:
+            x, y = (dist.shard(t).to(device) for t in get_batch(data.ids["train"], tc.batch_size, tc.seq_len,
+                                                               tc.seed, step))
+            lr = lr_at(step, tc)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits, _ = net(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            # One all-reduce: the global batch's loss, and whether any rank was asked to stop.
+            loss_sum, stops = dist.sum([loss.item(), float(bool(stop))])
+            if stops:
+                if main:
+                    ckpt.save_checkpoint(out_dir, cfg, data.tokenizer, model, optimizer, step)
+                bar.close()
+                raise Stopped(stop[0] if stop else signal.SIGTERM, step, out_dir)
+            loss_value = loss_sum / dist.world
+            skipped = None
+            if not math.isfinite(loss_value):
+                skipped = "non-finite loss"
+            else:
+                loss.backward()
+                # The norm of the averaged gradient, the same on every rank; inf means no clipping.
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
+                if torch.isfinite(norm):
+                    optimizer.step()
+                else:
+                    skipped = "non-finite gradient"
             optimizer.zero_grad(set_to_none=True)
-            tqdm.write(f"step {step}: non-finite loss ({loss.item()}), step skipped")
-            if bad_steps >= MAX_BAD_STEPS:
-                raise UserError(f"{bad_steps} non-finite losses in a row at step {step}: stopping; the last "
-                                f"good checkpoint in {out_dir} is kept (try a lower train.lr)")
             step += 1
-            continue
-        bad_steps = 0
-        loss.backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_since += tokens_per_step
-        bar.update(1)
-        if step % tc.log_every == 0 or step == tc.steps:
-            now = time.perf_counter()
-            tok_s = tokens_since / (now - last_log)
-            last_log, tokens_since = now, 0
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-            _log(out_dir, {"step": step, "train_loss": loss.item(), "lr": lr, "tokens_per_s": tok_s})
-        if step % tc.eval_every == 0 and step < tc.steps:
-            result = run_eval(step)
-            tqdm.write(f"step {step}: val loss {result['loss']:.4f}, {result['bits_per_byte']:.4f} bits/byte")
-        if step % tc.checkpoint_every == 0 or step == tc.steps:
-            save(step)
+            bar.update(1)
+            if skipped:
+                bad_steps += 1
+                log({"step": step, "skipped": skipped})
+                if main:
+                    tqdm.write(f"step {step}: {skipped} ({loss_value}), step skipped")
+                if bad_steps >= MAX_BAD_STEPS:
+                    bar.close()
+                    raise UserError(f"{bad_steps} non-finite steps in a row (the last at step {step}): stopping; the "
+                                    f"last good checkpoint in {out_dir} is kept (try a lower train.lr)")
+            else:
+                bad_steps = 0
+                tokens_since += tokens_per_step
+            if step % tc.log_every == 0 or step == tc.steps:
+                now = time.perf_counter()
+                tok_s = tokens_since / (now - last_log)
+                last_log, tokens_since = now, 0
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                if not skipped:
+                    log({"step": step, "train_loss": loss_value, "lr": lr, "tokens_per_s": tok_s})
+            if step % tc.eval_every == 0 and step < tc.steps:
+                result = run_eval(step)
+                if main:
+                    tqdm.write(f"step {step}: val loss {result['loss']:.4f}, {result['bits_per_byte']:.4f} bits/byte")
+            # No checkpoint inside a run of skipped steps: the last one before it stays the latest.
+            if main and ((step % tc.checkpoint_every == 0 and not bad_steps) or step == tc.steps):
+                ckpt.save_checkpoint(out_dir, cfg, data.tokenizer, model, optimizer, step)
     bar.close()
 
-    result = run_eval(step, baseline=True)
+    result = run_eval(step, final=True)
     unigram = result["unigram_bits_per_byte"]
     metrics = {"step": step, "val_loss": result["loss"], "val_bits_per_byte": result["bits_per_byte"],
                "val_perplexity": result["perplexity"], "unigram_bits_per_byte": unigram,
                "val_tokens": result["tokens"]}
-    _log(out_dir, {"step": step, "final": True, **metrics})
-    plot_losses(ckpt.read_metrics(out_dir), out_dir / ckpt.LOSS_PLOT, title=f"{cfg.model.mixer} on "
-                f"{cfg.data.path or cfg.data.corpus or 'shakespeare'}")
-    print(f"validation: loss {metrics['val_loss']:.4f} nats/token, {metrics['val_bits_per_byte']:.4f} bits/byte "
-          f"(unigram baseline {unigram:.4f} bits/byte) on {result['tokens']:,} tokens")
+    log({"step": step, "final": True, **metrics})
+    if main:
+        plot_losses(ckpt.read_metrics(out_dir), out_dir / ckpt.LOSS_PLOT, title=f"{cfg.model.mixer} on "
+                    f"{cfg.data.path or cfg.data.corpus or 'shakespeare'}")
+    say(f"validation: loss {metrics['val_loss']:.4f} nats/token, {metrics['val_bits_per_byte']:.4f} bits/byte "
+        f"(unigram baseline {unigram:.4f} bits/byte) on {result['tokens']:,} tokens")
     return metrics
+
+
+def _share(keep: list, opened: tuple[Data, dict | None]) -> tuple:
+    """Keep rank 0's Data (too big to broadcast); hand on the tokenizer and resume state."""
+    keep.append(opened)
+    return opened[0].tokenizer, opened[1]
 
 
 def _log(out_dir: Path, row: dict) -> None:

@@ -64,6 +64,11 @@ class LanguageModel(nn.Module):
     def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [B, T]; got shape {tuple(tokens.shape)}")
+        if tokens.numel():  # an id outside the embedding: a clear error, not an IndexError (or a CUDA assert)
+            lo, hi = torch.aminmax(tokens)
+            if lo < 0 or hi >= self.cfg.vocab_size:
+                raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}) (the vocabulary); "
+                                 f"got ids from {lo.item()} to {hi.item()}")
         x = self.embed(tokens)  # [B, T, D]
         state = state if state is not None else [None] * len(self.blocks)
         new_state = []
