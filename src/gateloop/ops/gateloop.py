@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .scan import linear_recurrence_loop, linear_recurrence_scan
+from .scan import linear_recurrence, scan_blocked
 
 Result = tuple[Tensor, Tensor | None]
 
@@ -89,21 +89,6 @@ def _causal_re_decay(seg: Tensor) -> Tensor:
     return torch.where(causal, decay, 0)
 
 
-def _local_re_decay(b: Tensor) -> Tensor:
-    """Re e^{b_t - b_s} for s <= t and 0 above, from within-chunk cumulative logs b: [..., C, K|1]
-    -> [..., K|1, C, C]. Differences of local sums are precise because |b| stays within one chunk;
-    the upper triangle (where b_t - b_s > 0 could overflow) is set to -inf before the exp, whose
-    gradient there is exp(-inf) = 0: nothing inf or NaN reaches the backward pass."""
-    b = b.transpose(-1, -2)
-    C = b.shape[-1]
-    above = torch.ones(C, C, dtype=torch.bool, device=b.device).triu(1)
-    rho = b.real[..., :, None] - b.real[..., None, :]
-    decay = torch.exp(rho.masked_fill(above, float("-inf")))
-    if b.is_complex():
-        decay = decay * torch.cos(b.imag[..., :, None] - b.imag[..., None, :])
-    return decay
-
-
 def gateloop_recurrent(q, k, v, log_a, *, initial_state=None, output_final_state=False) -> Result:
     """The reference: a plain loop over time, one state update per step. O(T K V)."""
     dtype = v.dtype
@@ -119,15 +104,84 @@ def gateloop_recurrent(q, k, v, log_a, *, initial_state=None, output_final_state
     return torch.stack(out, dim=1).to(dtype), (S if output_final_state else None)
 
 
+class _GateLoopScan(torch.autograd.Function):
+    """The scan mode as one Function: S = scan(exp(log_a), k v^T, S0), o = Re(q^T S), with the
+    backward written out rather than traced through complex elementwise ops.
+
+    With do = dL/do, r_t = dL/dS_t accumulated backwards (r_t = q_t do_t^T + conj(a_{t+1}) r_{t+1},
+    plus dL/dS_T at the end): dq = Re(S) do, d(k v^T) = Re(r), dlog_a = sum(r conj(S_{t-1})) conj(a)
+    (summed over V, and over K for one decay per head), dS0 = conj(a_1) r_1. Shapes: q, k [B, T, H, K],
+    v [B, T, H, V], log_a [B, T, H, K|1], S0 [B, H, K, V] or None, all in the accumulation dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_a, S0):
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        ctx.shapes = (K, V, log_a.shape[-1])
+        if K == V == 1:  # max-headed: everything elementwise on [B, T, H]; no size-1 reductions
+            q, k, v, log_a = q[..., 0], k[..., 0], v[..., 0], log_a[..., 0]
+            S0 = None if S0 is None else S0[..., 0, 0]
+            a = _exp(log_a)
+            S = scan_blocked(a, k * v, S0)
+            o = (q * (S.real if S.is_complex() else S)).unsqueeze(-1)
+        else:
+            a = _exp(log_a).unsqueeze(-1)  # [B, T, H, K|1, 1]
+            kv = k.unsqueeze(-1) * v.unsqueeze(-2)  # [B, T, H, K, V], real
+            S = scan_blocked(a, kv, S0)  # S[:, t] = S_t
+            o = (q.unsqueeze(-1) * (S.real if S.is_complex() else S)).sum(-2)  # Re(q^T S), q real
+        ctx.save_for_backward(q, k, v, a, S, S0)
+        S_T = S[:, -1].clone()
+        return o, (S_T.view(B, H, 1, 1) if K == V == 1 else S_T)
+
+    @staticmethod
+    def backward(ctx, do, dS_T):
+        q, k, v, a, S, S0 = ctx.saved_tensors
+        K, V, Kd = ctx.shapes
+        S_re = S.real if S.is_complex() else S
+        flat = K == V == 1
+        if flat:
+            do, dS_T = do[..., 0], dS_T[..., 0, 0]
+            dq = S_re * do
+            g = q * do
+        else:
+            dq = (S_re * do.unsqueeze(-2)).sum(-1)
+            g = q.unsqueeze(-1) * do.unsqueeze(-2)  # dL/dS_t through o_t, real
+        a_next = torch.cat([a[:, 1:].conj(), torch.ones_like(a[:, :1])], dim=1)
+        r = scan_blocked(a_next, g, dS_T, reverse=True)  # dL/dS_t through everything
+        r_re = r.real if r.is_complex() else r
+        first = torch.zeros_like(S[:, :1]) if S0 is None else S0.unsqueeze(1)
+        S_prev = torch.cat([first, S[:, :-1]], dim=1)
+        if flat:
+            dk, dv = r_re * v, r_re * k
+            dlog_a = r * (S_prev * a).conj()
+            dq, dk, dv, dlog_a = dq[..., None], dk[..., None], dv[..., None], dlog_a[..., None]
+        else:
+            dk = (r_re * v.unsqueeze(-2)).sum(-1)
+            dv = (r_re * k.unsqueeze(-1)).sum(-2)
+            da = (r * S_prev.conj()).sum(-1, keepdim=True)  # [B, T, H, K, 1]
+            if Kd == 1:
+                da = da.sum(-2, keepdim=True)
+            dlog_a = (da * a.conj()).squeeze(-1)
+        dS0 = None
+        if S0 is not None:
+            dS0 = a[:, 0].conj() * r[:, 0]
+            dS0 = dS0[..., None, None] if flat else dS0
+        return dq, dk, dv, dlog_a, dS0
+
+
 def gateloop_scan(q, k, v, log_a, *, initial_state=None, output_final_state=False) -> Result:
-    """Associative scan over (a_t, k_t v_t^T): log2(T) parallel steps, every state materialised."""
+    """The scan over (a_t, k_t v_t^T), every state materialised: O(T K V) memory.
+
+    The paper states it as a log-depth associative scan (linear_recurrence_scan, O(T log T) work);
+    this runs the same recurrence as a blocked scan with O(T) work (scan.scan_blocked) inside one
+    autograd Function with a hand-written backward (_GateLoopScan): on CPU several times faster. It
+    is the fast path for the max-headed layer (K = V = 1), where every product is elementwise.
+    """
     dtype = v.dtype
     q, k, v, log_a, S0 = _prepare(q, k, v, log_a, initial_state)
-    a = torch.exp(log_a).unsqueeze(-1)  # [B, T, H, K|1, 1]
-    kv = (k.unsqueeze(-1) * v.unsqueeze(-2)).to(a.dtype)  # [B, T, H, K, V]
-    S = linear_recurrence_scan(a, kv, S0)  # S[:, t] = S_t
-    o = (q.unsqueeze(-1) * S).sum(-2).real
-    return o.to(dtype), (S[:, -1] if output_final_state else None)
+    o, S_T = _GateLoopScan.apply(q, k, v, log_a, S0)
+    return o.to(dtype), (S_T if output_final_state else None)
 
 
 def gateloop_attention(q, k, v, log_a, *, initial_state=None, output_final_state=False) -> Result:
@@ -173,58 +227,98 @@ def gateloop_attention(q, k, v, log_a, *, initial_state=None, output_final_state
 
 
 def _default_chunk_size(K: int, per_head: bool) -> int:
-    """Per-channel decays build a [C, C, K] decay tensor per chunk (elementwise work), so they get
-    short chunks; one decay per head builds [C, C] and its intra-chunk part is matrix products,
-    which pay off once K is large enough to amortise them."""
+    """Per-channel decays build a [C, C, K] decay tensor per chunk (elementwise work, O(C K) per
+    token), so they get short chunks; one decay per head builds [C, C] and its intra-chunk part is
+    matrix products (O(C (K + V)) per token against O(K V) for the state passing), which pay off
+    once K is large enough to amortise them."""
     if not per_head:
         return 8
     return 64 if K >= 32 else 16
 
 
+def _exp(x: Tensor) -> Tensor:
+    """exp for real or complex x; complex as e^re (cos im + i sin im) from real, vectorised
+    kernels: on CPU several times faster than torch.exp or torch.polar on complex tensors."""
+    if not x.is_complex():
+        return torch.exp(x)
+    mag, im = torch.exp(x.real), x.imag
+    return torch.complex(mag * torch.cos(im), mag * torch.sin(im))
+
+
+def _re_im_weights(rho: Tensor, theta: Tensor | None, sign: float) -> Tensor:
+    """e^rho [cos theta, sign * sin theta] stacked on a new dim -2 ([..., 2, X]), or e^rho alone
+    ([..., 1, X]) for real decays: the weights that turn a complex decay into real matrix products."""
+    mag = torch.exp(rho)
+    if theta is None:
+        return mag.unsqueeze(-2)
+    return torch.stack([mag * torch.cos(theta), sign * mag * torch.sin(theta)], dim=-2)
+
+
 def gateloop_chunk(q, k, v, log_a, *, initial_state=None, output_final_state=False,
                    chunk_size: int | None = None) -> Result:
     """Chunked form, the training default: surrogate attention inside chunks of C steps, state
-    passing between them. O(T C K + T K V), made of matrix products.
+    passing between them. O(T C K + T K V), made of real matrix products.
 
     chunk_size defaults by shape (see _default_chunk_size): the intra-chunk part costs O(C) per
     token and the state passing O(K V / C), so small key dims want small chunks.
+
+    Every product is real. With b = log of the decay from the chunk's start (rho + i theta) and
+    S = S_re + i S_im the complex state, Re(q^T e^b S) = [q e^rho cos theta, -q e^rho sin theta]
+    @ [S_re; S_im] (one real product with key dim 2K), and a chunk's contribution to the next state,
+    sum_s e^{b_C - b_s} k_s v_s^T, is [k e^.. cos; k e^.. sin]^T @ v read as [Re; Im]. The state
+    itself passes between chunks by the blocked linear recurrence of scan.py (hand-written backward).
     """
     dtype = v.dtype
     q, k, v, log_a, S0 = _prepare(q, k, v, log_a, initial_state)
     B, T, H, K = q.shape
+    V = v.shape[-1]
     per_head = log_a.shape[-1] == 1
+    is_complex = log_a.is_complex()
     C = chunk_size or _default_chunk_size(K, per_head)
     if C < 1:
         raise ValueError(f"chunk_size must be positive, got {C}")
     N = -(-T // C)
     pad = N * C - T  # padded steps have a = 1 and k = v = 0: they change neither outputs nor state
 
-    def chunked(x):  # [B, T, H, X] -> [B, H, N, C, X]
-        x = F.pad(x, (0, 0, 0, 0, 0, pad))
-        return x.reshape(B, N, C, H, x.shape[-1]).permute(0, 3, 1, 2, 4)
+    def chunked(x):  # [B, T, H, X] -> [B, N, H, C, X]: chunk index at dim 1, the recurrence's time dim
+        x = F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x
+        return x.reshape(B, N, C, H, x.shape[-1]).transpose(2, 3)
 
     q, k, v, log_a = chunked(q), chunked(k), chunked(v), chunked(log_a)
-    b = log_a.cumsum(dim=3)  # log of the decay from the chunk's start to step c, inclusive
+    # Local cumulative logs, from the chunk's start to step c inclusive: |b| stays within one chunk.
+    b = log_a.cumsum(dim=3)  # [B, N, H, C, K|1]
+    rho, theta = (b.real, b.imag) if is_complex else (b, None)
 
-    # Intra-chunk: the surrogate attention restricted to each chunk.
-    W = _local_re_decay(b)  # [B, H, N, K|1, C, C]
+    # Intra-chunk: the surrogate attention restricted to each chunk, Re e^{b_t - b_s} masked to s <= t.
+    above = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
+    rho_ts = rho.transpose(-1, -2).unsqueeze(-1) - rho.transpose(-1, -2).unsqueeze(-2)  # [.., K|1, t, s]
+    W = torch.exp(rho_ts.masked_fill(above, float("-inf")))  # -inf before exp: no overflow, zero grad
+    if is_complex:
+        th = theta.transpose(-1, -2)
+        W = W * torch.cos(th.unsqueeze(-1) - th.unsqueeze(-2))
     if per_head:
-        scores = (q @ k.transpose(-1, -2)) * W[..., 0, :, :]
+        scores = (q @ k.transpose(-1, -2)) * W[..., 0, :, :]  # [B, N, H, C, C]
     else:
         # Elementwise over [C, C, K], written out: einsum here turned into one tiny matmul per
-        # (batch, head, chunk), each with its own copies.
+        # (batch, chunk, head), each with its own copies.
         scores = (W.permute(0, 1, 2, 4, 5, 3) * q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1)
-    o = scores @ v  # [B, H, N, C, V]
+    o = scores @ v  # [B, N, H, C, V]
 
-    # Inter-chunk: each chunk's contribution to the state at its end, then a scan over chunks.
-    chunk_log_a = b[:, :, :, -1:]  # [B, H, N, 1, K|1]
-    k_to_end = k * torch.exp(chunk_log_a - b)  # exponent <= 0 in real part: no overflow
-    U = _matmul_real_rhs(k_to_end.transpose(-1, -2), v)  # [B, H, N, K, V]
-    a_chunk = torch.exp(chunk_log_a).transpose(-1, -2)  # [B, H, N, K|1, 1]
-    S_end = linear_recurrence_loop(a_chunk.transpose(1, 2), U.transpose(1, 2), S0).transpose(1, 2)
-    first = torch.zeros_like(S_end[:, :, :1]) if S0 is None else S0.unsqueeze(2)
-    S_start = torch.cat([first, S_end[:, :, :-1]], dim=2)  # the state entering each chunk
-    o = o + _re_matmul(q * torch.exp(b), S_start)
+    # Inter-chunk: each chunk's contribution to the state at its end (exponents <= 0 in real part),
+    # as real [Re; Im] halves, then the recurrence over chunks.
+    to_end = _re_im_weights(rho[..., -1:, :] - rho, None if theta is None else theta[..., -1:, :] - theta, 1.0)
+    P = to_end.shape[-2]  # 2 for complex decays, 1 for real
+    k_to_end = (k.unsqueeze(-2) * to_end).reshape(B, N, H, C, P * K)  # [.., C, (re|im) K]
+    U = (k_to_end.transpose(-1, -2) @ v).view(B, N, H, P, K, V)
+    U = torch.complex(U[:, :, :, 0], U[:, :, :, 1]) if is_complex else U[:, :, :, 0]  # [B, N, H, K, V]
+    a_chunk = _exp(b[..., -1, :]).unsqueeze(-1)  # [B, N, H, K|1, 1]
+    S_end = linear_recurrence(a_chunk, U, S0)  # [B, N, H, K, V]: the state at each chunk's end
+    first = torch.zeros_like(S_end[:, :1]) if S0 is None else S0.unsqueeze(1)
+    S_start = torch.cat([first, S_end[:, :-1]], dim=1)  # the state entering each chunk
+    if is_complex:
+        S_start = torch.stack([S_start.real, S_start.imag], dim=-3)  # [B, N, H, 2, K, V]
+    q_from_start = (q.unsqueeze(-2) * _re_im_weights(rho, theta, -1.0)).reshape(B, N, H, C, P * K)
+    o = o + q_from_start @ S_start.reshape(B, N, H, P * K, V)
 
-    o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, -1)[:, :T]
-    return o.to(dtype), (S_end[:, :, -1] if output_final_state else None)
+    o = o.transpose(2, 3).reshape(B, N * C, H, V)[:, :T]
+    return o.to(dtype), (S_end[:, -1] if output_final_state else None)
