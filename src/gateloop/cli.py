@@ -126,6 +126,32 @@ def add_task_commands(sub) -> None:
     p.set_defaults(func=cmd_viz_attention)
 
 
+def cmd_bench(args) -> None:
+    from .bench import main
+
+    if any(T < 1 for T in args.T) or args.B < 1 or args.repeat < 1:
+        raise UserError("--T, --B and --repeat must be positive")
+    main(args)
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `gateloop bench` (also used by benchmarks/bench_modes.py)."""
+    p.add_argument("--T", type=int, nargs="+", default=[128, 1024, 16384], help="sequence lengths")
+    p.add_argument("--B", type=int, default=1, help="batch size")
+    p.add_argument("--modes", nargs="+", default=["recurrent", "scan", "attention", "chunk"],
+                   choices=["recurrent", "scan", "attention", "chunk"])
+    p.add_argument("--shapes", nargs="+", default=["max-headed", "head", "channel"],
+                   choices=["max-headed", "head", "channel"],
+                   help="max-headed: D = 512, K = V = 1; head / channel: H = 8, K = V = 64 with one complex "
+                        "decay per head / per key channel")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for everything (default: torch's)")
+    p.add_argument("--repeat", type=int, default=3, help="timed repeats per case (the median is reported)")
+    p.add_argument("--max-seconds", type=float, default=30.0,
+                   help="skip a case whose time, extrapolated from the previous T, exceeds this")
+    p.add_argument("--max-gb", type=float, default=4.0, help="skip a case whose memory estimate exceeds this")
+    p.add_argument("--real", action="store_true", help="real decays instead of complex")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateloop", description="Sequence models with data-controlled "
                                      "linear recurrence: train, evaluate, generate.")
@@ -157,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
     add_task_commands(sub)
+
+    p = sub.add_parser("bench", help="time every GateLoop mode over T, beside the machine's GEMM rate "
+                       "(docs/performance.md)")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
