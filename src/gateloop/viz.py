@@ -84,10 +84,18 @@ def surrogate_attention(mixer, x: Tensor) -> tuple[Tensor, Tensor]:
     return A, log_a
 
 
+def pick_heads(A: Tensor, log_a: Tensor, n_heads: int) -> list[int]:
+    """The n_heads heads whose transition magnitudes vary most over the sequence (the ones the data
+    controls); when none varies (fixed or no transitions), those with the largest maps."""
+    variation = log_a.real.std(dim=0).mean(dim=-1) if log_a.shape[0] > 1 else torch.zeros(A.shape[0])  # [H]
+    score = variation.double() if variation.max() > 1e-6 else A.flatten(1).norm(dim=1)
+    return score.argsort(descending=True)[:n_heads].sort().values.tolist()
+
+
 def attention_map(model, tokens: Tensor, path: Path, *, layer: int = 0, n_heads: int = 4,
                   resets: Tensor | None = None, title: str = "") -> list[int]:
-    """Draw the surrogate attention of up to n_heads heads of GateLoop layer `layer` (those with the
-    largest maps), and |a_t|, arg a_t of every channel, on tokens [T]; returns the heads shown."""
+    """Draw the surrogate attention of up to n_heads heads of GateLoop layer `layer` (see
+    pick_heads), and |a_t|, arg a_t of every channel, on tokens [T]; returns the heads shown."""
     if not 0 <= layer < len(model.blocks):
         raise UserError(f"--layer must be in 0..{len(model.blocks) - 1}, got {layer}")
     mixer = model.blocks[layer].mixer
@@ -102,7 +110,7 @@ def attention_map(model, tokens: Tensor, path: Path, *, layer: int = 0, n_heads:
         handle.remove()
     A, log_a = surrogate_attention(mixer, captured["x"])
     T = A.shape[-1]
-    heads = A.flatten(1).norm(dim=1).argsort(descending=True)[:n_heads].sort().values.tolist()
+    heads = pick_heads(A, log_a, n_heads)
     marks = torch.nonzero(resets).flatten().tolist() if resets is not None else []
 
     plt = _pyplot()
@@ -116,24 +124,26 @@ def attention_map(model, tokens: Tensor, path: Path, *, layer: int = 0, n_heads:
         lim = float(A[h].abs().max()) or 1.0
         im = ax.imshow(a.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
         for m in marks:
-            ax.axvline(m, color="k", lw=0.4, alpha=0.5)
-            ax.axhline(m, color="k", lw=0.4, alpha=0.5)
+            ax.axvline(m, color="tab:green", lw=0.7, alpha=0.8)
+            ax.axhline(m, color="tab:green", lw=0.7, alpha=0.8)
         ax.set(title=f"layer {layer}, head {h}", xlabel="source s", ylabel="target t" if i == 0 else None)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
     channels = log_a.reshape(T, -1).t()  # [H * K, T]
-    panels = [("|a_t| (transition magnitude)", channels.real.exp(), "viridis", (0, 1))]
+    magnitude = channels.real.exp()
+    panels = [("|a_t| (transition magnitude)", magnitude, "viridis", (min(float(magnitude.min()), 0.99), 1))]
     if log_a.is_complex():
         phase = torch.remainder(channels.imag + math.pi, 2 * math.pi) - math.pi
-        panels.append(("arg a_t (phase, radians)", phase, "twilight", (-math.pi, math.pi)))
+        lim = max(float(phase.abs().max()), 1e-3)
+        panels.append(("arg a_t (phase, radians)", phase, "RdBu_r", (-lim, lim)))
     for i, (name, values, cmap, (lo, hi)) in enumerate(panels):
         ax = fig.add_subplot(grid[1, i * cols:(i + 1) * cols])
         im = ax.imshow(values.float().numpy(), aspect="auto", cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
         for m in marks:
-            ax.axvline(m, color="r", lw=0.6, alpha=0.7)
+            ax.axvline(m, color="tab:green", lw=0.7, alpha=0.8)
         ax.set(title=name, xlabel="time t", ylabel="channel (head x key)")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
     if marks:
-        title = f"{title}  (lines: RESET tokens)".strip()
+        title = f"{title}  (green lines: RESET tokens)".strip()
     fig.suptitle(title)
     fig.tight_layout()
     _save(fig, path)
