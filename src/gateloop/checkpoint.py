@@ -20,6 +20,7 @@ which refuses a pickle that names a callable (a tampered trainer_state.pt) with 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -144,6 +145,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
 
 
 def build_model(cfg: ModelConfig) -> LanguageModel:
+    _check_size(cfg)
     try:
         return LanguageModel(cfg)
     except (ValueError, TypeError) as e:  # the mixer rejected its options
@@ -152,6 +154,29 @@ def build_model(cfg: ModelConfig) -> LanguageModel:
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UserError(f"model config: cannot build a model this large "
                         f"(d_model={cfg.d_model}, n_layers={cfg.n_layers}): {first}") from None
+
+
+def _check_size(cfg: ModelConfig) -> None:
+    """Refuse a model whose float32 weights alone exceed this machine's memory (n_layers=10**8 would
+    otherwise build for hours, d_model=10**5 exhaust memory), counted on the meta device: one layer,
+    extrapolated, no memory allocated."""
+    try:
+        with torch.device("meta"):
+            one = LanguageModel(dataclasses.replace(cfg, n_layers=1))
+    except (ValueError, TypeError) as e:  # the mixer rejected its options
+        raise UserError(f"model config: {e}") from None
+    except (RuntimeError, NotImplementedError):  # a mixer that cannot be built on meta: no estimate
+        return
+    per_layer = sum(p.numel() for p in one.blocks[0].parameters())
+    n_params = sum(p.numel() for p in one.parameters()) + (cfg.n_layers - 1) * per_layer
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): no limit known
+        return
+    if 4 * n_params > memory:
+        raise UserError(f"model config: {n_params / 1e9:,.1f}B parameters (d_model={cfg.d_model}, "
+                        f"n_layers={cfg.n_layers}) need {4 * n_params / 2**30:,.0f} GiB for their float32 weights "
+                        f"alone; this machine has {memory / 2**30:,.0f} GiB")
 
 
 def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:

@@ -119,7 +119,14 @@ def init(device_name: str, timeout_minutes: float = 30.0) -> Dist:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"train.device {name!r} is not a device: {str(e).splitlines()[0][:120]}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"train.device is {name!r} but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"train.device is {name!r} but there are {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"train.device is {name!r} but MPS is not available here")
     return device

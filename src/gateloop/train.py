@@ -227,10 +227,10 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, progress: bool, dist: di
     elif main:
         ckpt.create_run_dir(out_dir, lambda tmp: (ckpt.save_tokenizer(data.tokenizer, tmp),
                                                   ckpt.save_checkpoint(tmp, cfg, data.tokenizer, model, optimizer, 0)))
-    # DDP averages the gradients of the ranks' equal shards in backward; it needs every rank's model
-    # to start equal (same seed, same state; it also broadcasts rank 0's parameters).
-    net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                     else None) if dist.world > 1 else model)
+    net = model
+    if dist.world > 1:
+        x, _ = get_batch(data.ids["train"], tc.batch_size, tc.seq_len, tc.seed, step)
+        net = _data_parallel(model, dist.shard(x).to(device), autocast_dtype)
 
     n_params = sum(p.numel() for p in model.parameters())
     tokens_per_step = tc.batch_size * tc.seq_len
@@ -327,6 +327,22 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, progress: bool, dist: di
     say(f"validation: loss {metrics['val_loss']:.4f} nats/token, {metrics['val_bits_per_byte']:.4f} bits/byte "
         f"(unigram baseline {unigram:.4f} bits/byte) on {result['tokens']:,} tokens")
     return metrics
+
+
+def _data_parallel(model: torch.nn.Module, x: torch.Tensor, autocast_dtype) -> torch.nn.Module:
+    """DDP around model: it averages the ranks' gradients in backward (every rank's model starts equal:
+    same seed and state; DDP also broadcasts rank 0's parameters). Parameters that get no gradient
+    (a mixer's option can leave some unused, e.g. for short sequences) need find_unused_parameters,
+    which costs a graph traversal per step: one probing forward/backward on x decides."""
+    device = x.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits, _ = model(x)
+        logits.float().sum().backward()
+    unused = any(p.grad is None for p in model.parameters() if p.requires_grad)
+    model.zero_grad(set_to_none=True)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
 
 
 def _share(keep: list, opened: tuple[Data, dict | None]) -> tuple:
