@@ -165,9 +165,6 @@ def test_devices_that_do_not_exist(device, run, capsys):
     assert snapshot(run) == before
 
 
-@pytest.mark.xfail(strict=True, reason="config.py RULES accept inf for float keys (train.lr=inf trains to NaN) "
-                   "and ModelConfig.validate accepts mlp_expansion=nan or inf; fix: require math.isfinite for "
-                   "every float field")
 @pytest.mark.parametrize("item", ["train.lr=inf", "train.weight_decay=inf", "model.mlp_expansion=inf",
                                   "model.mlp_expansion=nan"])
 def test_non_finite_numbers_are_refused(item):
@@ -270,7 +267,5 @@ def test_prompts_longer_than_the_training_windows_generate(prompt, run, capsys):
     assert snapshot(run) == before
 
 
-@pytest.mark.xfail(strict=True, reason="cli.cmd_generate encodes the prompt without checking it: a prompt "
-                   "that is not UTF-8 (argv bytes decode to lone surrogates) raises UnicodeEncodeError")
 def test_a_prompt_that_is_not_utf8_is_one_line_error(run, capsys):
     one_line_error(capsys, ["generate", "--run", str(run), "--prompt", "caf\udce9"])

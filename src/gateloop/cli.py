@@ -71,6 +71,10 @@ def cmd_generate(args) -> None:
         raise UserError("--max-new-tokens and --temperature must be >= 0, --top-k >= 1")
     device = resolve_device(args.device)
     model, tokenizer, _ = load_run(args.run, device)
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError("the prompt is not valid UTF-8 text") from None
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise UserError("the prompt is empty: give at least one character with --prompt")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -199,6 +200,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         hint = dict
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{key} must be a finite number, got {value!r}")
     if hint is int and isinstance(value, bool):
         raise UserError(f"{key} expects an integer, got {value!r}")
     if not isinstance(value, hint):

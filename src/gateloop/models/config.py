@@ -41,5 +41,5 @@ class ModelConfig:
             raise ValueError(f"model.mlp must be one of {', '.join(MLPS)}, got {self.mlp!r}")
         if self.norm not in NORMS:
             raise ValueError(f"model.norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
-        if self.mlp_expansion is not None and self.mlp_expansion <= 0:
-            raise ValueError(f"model.mlp_expansion must be positive, got {self.mlp_expansion}")
+        if self.mlp_expansion is not None and not 0 < self.mlp_expansion < float("inf"):
+            raise ValueError(f"model.mlp_expansion must be a positive finite number, got {self.mlp_expansion}")
