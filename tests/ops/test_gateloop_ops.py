@@ -215,3 +215,14 @@ def test_contract_violations_are_named(bad):
 
 def test_tolerance_table_is_the_one_documented():
     assert TOL[torch.float64] == 1e-10 and TOL[torch.float32] == 1e-4
+
+
+@pytest.mark.parametrize("mode", list(GATELOOP_MODES))
+def test_ops_accumulate_in_float32_under_bfloat16_autocast(mode):
+    q, k, v, log_a = (x.float() if not x.is_complex() else x.to(torch.complex64) for x in stress_inputs(40))
+    expected, S_ref = GATELOOP_MODES[mode](q, k, v, log_a, output_final_state=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o, S = GATELOOP_MODES[mode](q, k, v, log_a, output_final_state=True)
+    assert o.dtype == torch.float32 and S.dtype == torch.complex64
+    assert_close_rms(o, expected, torch.float32)
+    assert_close_rms(S, S_ref, torch.float32)

@@ -12,6 +12,7 @@ complex when log_a is complex. o: [B, T, H, V] in v's dtype. The state is kept i
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -21,6 +22,16 @@ from torch import Tensor
 from .scan import linear_recurrence, scan_blocked
 
 Result = tuple[Tensor, Tensor | None]
+
+
+def _accumulate_in_float32(op):
+    """Run op with autocast off: its products must accumulate in float32 (complex64), not in the
+    autocast dtype; _prepare upcasts the inputs and the output is cast back to v's dtype."""
+    @functools.wraps(op)
+    def wrapper(q, *args, **kwargs):
+        with torch.autocast(q.device.type, enabled=False):
+            return op(q, *args, **kwargs)
+    return wrapper
 
 
 def _prepare(q, k, v, log_a, initial_state):
@@ -89,6 +100,7 @@ def _causal_re_decay(seg: Tensor) -> Tensor:
     return torch.where(causal, decay, 0)
 
 
+@_accumulate_in_float32
 def gateloop_recurrent(q, k, v, log_a, *, initial_state=None, output_final_state=False) -> Result:
     """The reference: a plain loop over time, one state update per step. O(T K V)."""
     dtype = v.dtype
@@ -170,6 +182,7 @@ class _GateLoopScan(torch.autograd.Function):
         return dq, dk, dv, dlog_a, dS0
 
 
+@_accumulate_in_float32
 def gateloop_scan(q, k, v, log_a, *, initial_state=None, output_final_state=False) -> Result:
     """The scan over (a_t, k_t v_t^T), every state materialised: O(T K V) memory.
 
@@ -184,6 +197,7 @@ def gateloop_scan(q, k, v, log_a, *, initial_state=None, output_final_state=Fals
     return o.to(dtype), (S_T if output_final_state else None)
 
 
+@_accumulate_in_float32
 def gateloop_attention(q, k, v, log_a, *, initial_state=None, output_final_state=False) -> Result:
     """The surrogate attention: o_t = sum_{s<=t} Re(q_t^T diag(e^{L_t - L_s}) k_s) v_s. O(T^2).
 
@@ -226,13 +240,61 @@ def gateloop_attention(q, k, v, log_a, *, initial_state=None, output_final_state
     return o.transpose(1, 2).to(dtype), final_state
 
 
+SUB_CHUNK = 16  # per-channel decays: the diagonal blocks computed elementwise inside a chunk
+
+
+def _causal_re_decay_local(rho: Tensor, theta: Tensor | None) -> Tensor:
+    """Re e^{b_t - b_s} for s <= t, 0 above, from local cumulative logs b = rho + i theta
+    [..., C, K|1] -> [..., K|1, C, C]. The upper triangle (where b_t - b_s > 0 could overflow) is set
+    to -inf before the exp, whose gradient there is exp(-inf) = 0: no inf or NaN reaches backward."""
+    C = rho.shape[-2]
+    above = torch.ones(C, C, dtype=torch.bool, device=rho.device).triu(1)
+    rho = rho.transpose(-1, -2)
+    W = torch.exp((rho.unsqueeze(-1) - rho.unsqueeze(-2)).masked_fill(above, float("-inf")))
+    if theta is not None:
+        th = theta.transpose(-1, -2)
+        W = W * torch.cos(th.unsqueeze(-1) - th.unsqueeze(-2))
+    return W
+
+
+def _intra_chunk_per_channel(q, k, v, rho, theta, c: int) -> Tensor:
+    """The intra-chunk output for per-channel decays, q, k, rho, theta: [B, N, H, C, K], v: [..., V].
+
+    The chunk is cut into n = C / c sub-chunks. Pairs inside one sub-chunk use the elementwise
+    [c, c, K] decay. Pairs (t in sub-chunk i, s in an earlier one) factor through r_i, the step just
+    before sub-chunk i: e^{b_t - b_s} = e^{b_t - b_r} e^{b_r - b_s}, both exponents <= 0 in real part
+    for any input (no overflow), so they are one real matrix product of key dim 2K per sub-chunk.
+    """
+    B, N, H, C, K = q.shape
+    n = C // c
+    sub = lambda x: x.reshape(B, N, H, n, c, x.shape[-1])  # noqa: E731  [.., n, c, X]
+    o_diag = ((_causal_re_decay_local(sub(rho), None if theta is None else sub(theta)).permute(0, 1, 2, 3, 5, 6, 4)
+               * sub(q).unsqueeze(-2) * sub(k).unsqueeze(-3)).sum(-1)) @ sub(v)  # [B, N, H, n, c, V]
+    # r_i = i * c - 1 for i >= 1; sub-chunk 0 has no earlier keys (a dummy reference, fully masked).
+    ref = torch.arange(n, device=q.device) * c - 1
+    ref_rho = rho[..., ref.clamp(min=0), :]  # [B, N, H, n, K]
+    earlier = torch.arange(C, device=q.device)[None, :] <= ref[:, None]  # [n, C]: s <= r_i
+    to_ref = (ref_rho.unsqueeze(-2) - rho.unsqueeze(-3)).masked_fill(~earlier[..., None], float("-inf"))
+    from_ref = sub(rho) - ref_rho.unsqueeze(-2)  # [B, N, H, n, c, K], <= 0
+    if theta is None:
+        q_ref, k_ref = sub(q) * torch.exp(from_ref), k.unsqueeze(-3) * torch.exp(to_ref)
+    else:
+        ref_theta = theta[..., ref.clamp(min=0), :]
+        # Re(q e^{x} . k e^{y}) = [q e^Re x cos, q e^Re x sin] . [k e^Re y cos, -k e^Re y sin]
+        q_ref = (sub(q).unsqueeze(-2) * _re_im_weights(from_ref, sub(theta) - ref_theta.unsqueeze(-2), 1.0))
+        k_ref = (k.unsqueeze(-3).unsqueeze(-2)
+                 * _re_im_weights(to_ref, ref_theta.unsqueeze(-2) - theta.unsqueeze(-3), -1.0))
+        q_ref, k_ref = q_ref.flatten(-2), k_ref.flatten(-2)  # [.., c, 2K], [.., C, 2K]
+    o_off = (q_ref @ k_ref.transpose(-1, -2)) @ v.unsqueeze(3)  # [B, N, H, n, c, V]
+    return (o_diag + o_off).reshape(B, N, H, C, -1)
+
+
 def _default_chunk_size(K: int, per_head: bool) -> int:
-    """Per-channel decays build a [C, C, K] decay tensor per chunk (elementwise work, O(C K) per
-    token), so they get short chunks; one decay per head builds [C, C] and its intra-chunk part is
-    matrix products (O(C (K + V)) per token against O(K V) for the state passing), which pay off
-    once K is large enough to amortise them."""
+    """The intra-chunk part costs O(C (K + V)) per token in matrix products (plus O(C K), at most
+    O(SUB_CHUNK K), elementwise for per-channel decays), the state passing O(K V) per chunk
+    boundary: one decay per head gets chunks of 64 once K is large enough to amortise the products."""
     if not per_head:
-        return 8
+        return 8  # measured fastest on CPU (docs/performance.md); larger C saves state memory
     return 64 if K >= 32 else 16
 
 
@@ -254,6 +316,7 @@ def _re_im_weights(rho: Tensor, theta: Tensor | None, sign: float) -> Tensor:
     return torch.stack([mag * torch.cos(theta), sign * mag * torch.sin(theta)], dim=-2)
 
 
+@_accumulate_in_float32
 def gateloop_chunk(q, k, v, log_a, *, initial_state=None, output_final_state=False,
                    chunk_size: int | None = None) -> Result:
     """Chunked form, the training default: surrogate attention inside chunks of C steps, state
@@ -290,19 +353,11 @@ def gateloop_chunk(q, k, v, log_a, *, initial_state=None, output_final_state=Fal
     rho, theta = (b.real, b.imag) if is_complex else (b, None)
 
     # Intra-chunk: the surrogate attention restricted to each chunk, Re e^{b_t - b_s} masked to s <= t.
-    above = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
-    rho_ts = rho.transpose(-1, -2).unsqueeze(-1) - rho.transpose(-1, -2).unsqueeze(-2)  # [.., K|1, t, s]
-    W = torch.exp(rho_ts.masked_fill(above, float("-inf")))  # -inf before exp: no overflow, zero grad
-    if is_complex:
-        th = theta.transpose(-1, -2)
-        W = W * torch.cos(th.unsqueeze(-1) - th.unsqueeze(-2))
     if per_head:
-        scores = (q @ k.transpose(-1, -2)) * W[..., 0, :, :]  # [B, N, H, C, C]
+        scores = (q @ k.transpose(-1, -2)) * _causal_re_decay_local(rho, theta)[..., 0, :, :]  # [B, N, H, C, C]
+        o = scores @ v  # [B, N, H, C, V]
     else:
-        # Elementwise over [C, C, K], written out: einsum here turned into one tiny matmul per
-        # (batch, chunk, head), each with its own copies.
-        scores = (W.permute(0, 1, 2, 4, 5, 3) * q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1)
-    o = scores @ v  # [B, N, H, C, V]
+        o = _intra_chunk_per_channel(q, k, v, rho, theta, math.gcd(C, SUB_CHUNK))
 
     # Inter-chunk: each chunk's contribution to the state at its end (exponents <= 0 in real part),
     # as real [Re; Im] halves, then the recurrence over chunks.
