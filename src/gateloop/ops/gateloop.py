@@ -270,6 +270,8 @@ def _intra_chunk_per_channel(q, k, v, rho, theta, c: int) -> Tensor:
     sub = lambda x: x.reshape(B, N, H, n, c, x.shape[-1])  # noqa: E731  [.., n, c, X]
     o_diag = ((_causal_re_decay_local(sub(rho), None if theta is None else sub(theta)).permute(0, 1, 2, 3, 5, 6, 4)
                * sub(q).unsqueeze(-2) * sub(k).unsqueeze(-3)).sum(-1)) @ sub(v)  # [B, N, H, n, c, V]
+    if n == 1:
+        return o_diag.reshape(B, N, H, C, -1)
     # r_i = i * c - 1 for i >= 1; sub-chunk 0 has no earlier keys (a dummy reference, fully masked).
     ref = torch.arange(n, device=q.device) * c - 1
     ref_rho = rho[..., ref.clamp(min=0), :]  # [B, N, H, n, K]
