@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+
+import pytest
 import torch
 
 # Relative RMS error allowed when a fast path is compared with its reference, by compute dtype.
@@ -23,3 +26,14 @@ def assert_close_rms(actual, expected, dtype=None, tol=None, what=""):
     tol = tol if tol is not None else TOL[dtype or expected.dtype]
     err = rel_rms(actual, expected)
     assert err <= tol, f"{what}: relative RMS error {err:.3e} > {tol:.0e}"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A folder of 30 small text documents."""
+    folder = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = "the cat sat on a mat while rain fell over quiet hills and rivers ran".split()
+    for i in range(30):
+        (folder / f"doc{i:02d}.txt").write_text("\n".join(" ".join(rng.choices(words, k=12)) for _ in range(20)))
+    return folder

@@ -14,7 +14,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from test_reliability import corpus  # noqa: F401  (a fixture)
 
 from gateloop import MIXERS
 from gateloop import checkpoint as ckpt

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 
@@ -15,17 +14,6 @@ TINY = ["--set", "model.d_model=16", "--set", "model.n_layers=1", "--set", "trai
         "--set", "train.batch_size=2", "--set", "train.seq_len=16", "--set", "train.eval_tokens=256",
         "--set", "train.eval_every=2", "--set", "train.checkpoint_every=2", "--set", "train.warmup_steps=1",
         "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A folder of 30 small text documents."""
-    folder = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    words = "the cat sat on a mat while rain fell over quiet hills and rivers ran".split()
-    for i in range(30):
-        (folder / f"doc{i:02d}.txt").write_text("\n".join(" ".join(rng.choices(words, k=12)) for _ in range(20)))
-    return folder
 
 
 @pytest.fixture(scope="module")

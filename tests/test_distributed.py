@@ -13,7 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import assert_close_rms
-from test_reliability import corpus, tiny_cfg  # noqa: F401  (corpus is a fixture)
+from test_reliability import tiny_cfg
 
 from gateloop import checkpoint as ckpt
 from gateloop.distributed import Dist

@@ -41,16 +41,6 @@ def argv(corpus, out, **overrides):
             "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    words = "the cat sat on a mat while rain fell over quiet hills and rivers ran".split()
-    for i in range(30):
-        (folder / f"doc{i:02d}.txt").write_text("\n".join(" ".join(rng.choices(words, k=12)) for _ in range(20)))
-    return folder
-
-
 @pytest.fixture(scope="module", autouse=True)
 def warm_imports():
     """Import in the parent what training imports lazily (torch._dynamo via the optimizer, matplotlib),
