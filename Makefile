@@ -19,10 +19,11 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest -n 2
 
-# The main job: train a small GateLoop language model on Shakespeare, then generate from it.
+# The main job: train a small GateLoop language model on Shakespeare, then generate from it
+# (each run gets its own runs/gateloop-<time>/; runs/latest points at the newest).
 demo: setup
-	$(VENV)/bin/gateloop train --out runs/demo
-	$(VENV)/bin/gateloop generate --run runs/demo --prompt "ROMEO:" --max-new-tokens 300
+	$(VENV)/bin/gateloop train
+	$(VENV)/bin/gateloop generate --prompt "ROMEO:" --max-new-tokens 300
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
