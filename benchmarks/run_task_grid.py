@@ -144,7 +144,7 @@ def report(grid_path: Path, grid: dict, jobs: list[Job]) -> str:
             results[(job.task, job.group, job.label, job.seed)] = json.loads(path.read_text())
     lines = [f"Made by `python benchmarks/run_task_grid.py {grid_path} --jobs 2`; runs in `{grid['out']}`; "
              f"shared overrides: `{' '.join(grid.get('set', []))}`; per task: "
-             + "; ".join(f"{t}: `--config {s.get('config')}` `{' '.join(s.get('set', []))}`"
+             + "; ".join(f"{t}: `--config {s.get('config')}" + "".join(f" --set {x}" for x in s.get("set", [])) + "`"
                          for t, s in grid["tasks"].items()) + ".", ""]
     for group in dict.fromkeys(j.group for j in jobs):
         title = group
@@ -170,17 +170,51 @@ def report(grid_path: Path, grid: dict, jobs: list[Job]) -> str:
     return "\n".join(lines)
 
 
+def plot_curves(grid: dict, jobs: list[Job], table: str, path: Path) -> None:
+    """Test accuracy against step, mean over seeds, one line per run of `table`, one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = [j for j in jobs if j.group == table and (j.out / "metrics.json").exists()]
+    tasks = list(dict.fromkeys(j.task for j in chosen))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for i, label in enumerate(dict.fromkeys(j.label for j in chosen if j.task == task)):
+            curves = {}
+            for job in (j for j in chosen if j.task == task and j.label == label):
+                for line in (job.out / "metrics.jsonl").read_text().splitlines():
+                    row = json.loads(line)
+                    if "test_accuracy" in row:
+                        curves.setdefault(row["step"], []).append(row["test_accuracy"])
+            steps = sorted(curves)
+            ax.plot(steps, [statistics.mean(curves[s]) for s in steps], marker="os^D"[i // 10 % 4],
+                    color=plt.get_cmap("tab10")(i % 10), linestyle="-" if i < 10 else "--", label=label)
+        ax.set(title=task, xlabel="step", ylabel="test accuracy (mean over seeds)", ylim=(0, 1))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(table)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("grid", help="grid TOML, e.g. configs/tasks/grid.toml")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each with train.threads from the grid)")
     parser.add_argument("--report", action="store_true", help="print the markdown tables of the finished runs")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their commands")
+    parser.add_argument("--plot", nargs=2, metavar=("TABLE", "PNG"),
+                        help="learning curves of one table's runs (e.g. 'GateLoop ablations') into PNG")
     args = parser.parse_args()
     grid = tomllib.loads(Path(args.grid).read_text())
     out = ROOT / grid["out"]
     jobs = plan(grid, out)
-    if args.report:
+    if args.plot:
+        plot_curves(grid, jobs, args.plot[0], Path(args.plot[1]))
+    elif args.report:
         print(report(Path(args.grid), grid, jobs))
     elif args.dry_run:
         for job in {j.out: j for j in jobs}.values():
