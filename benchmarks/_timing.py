@@ -1,25 +1,13 @@
-"""Shared timing helpers for the benchmark scripts: warm up, repeat, report the median."""
+"""Shared helpers for the benchmark scripts: the median timer, CSV output, markdown tables."""
 
 from __future__ import annotations
 
 import csv
-import statistics
-import time
 from pathlib import Path
 
+from gateloop.bench import median_time  # noqa: F401  (re-exported for the scripts)
+
 OUT = Path(__file__).parent / "out"
-
-
-def median_time(fn, *, warmup: int = 1, repeat: int = 5, budget_s: float = 20.0) -> float:
-    """Median wall time of fn() in seconds; fewer repeats when one call is slow."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    while len(times) < repeat and (not times or sum(times) < budget_s):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def write_csv(rows: list[dict], name: str) -> Path:

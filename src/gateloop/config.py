@@ -61,6 +61,7 @@ class TrainConfig:
     dtype: str = "float32"  # or "bfloat16" (autocast; recurrences still accumulate in float32)
     device: str = "auto"  # "auto": cuda when available, else cpu
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    compile: bool = False  # torch.compile the training step's model (eager if compilation fails)
 
 
 @dataclass

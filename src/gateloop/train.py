@@ -239,6 +239,9 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, progress: bool, dist: di
         f"{cfg.model.d_model}; {data.ids['train'].numel():,} train tokens; {tc.steps} steps of "
         f"{tokens_per_step:,} tokens on {device}{f' x {dist.world} processes' if dist.world > 1 else ''}; "
         f"run directory {out_dir}" + (f" (resuming at step {step})" if resume else ""), flush=True)
+    if tc.compile:
+        x, _ = get_batch(data.ids["train"], tc.batch_size, tc.seq_len, tc.seed, step)
+        net = _compiled(net, dist.shard(x).to(device), autocast_dtype, say)
 
     def log(row: dict) -> None:
         if main:
@@ -343,6 +346,26 @@ def _data_parallel(model: torch.nn.Module, x: torch.Tensor, autocast_dtype) -> t
     model.zero_grad(set_to_none=True)
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
+
+
+def _compiled(net: torch.nn.Module, x: torch.Tensor, autocast_dtype, say) -> torch.nn.Module:
+    """torch.compile(net) for the training steps (evaluation, checkpoints and generation use the plain
+    model, so nothing saved carries the compiled wrapper). One probing forward/backward on x compiles
+    both graphs up front; where that fails (no C++ compiler, an op inductor cannot lower), a warning
+    and the eager module: a genuine error in the model then surfaces in the first eager step."""
+    compiled = torch.compile(net)
+    device = x.device
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits, _ = compiled(x)
+            logits.float().sum().backward()
+    except Exception as e:  # noqa: BLE001  any compiler failure means: train eagerly
+        reason = next(iter(str(e).strip().splitlines()), "")[:200]
+        say(f"train.compile: torch.compile failed ({type(e).__name__}: {reason}); training eagerly", flush=True)
+        compiled = net
+    net.zero_grad(set_to_none=True)
+    return compiled
 
 
 def _share(keep: list, opened: tuple[Data, dict | None]) -> tuple:
