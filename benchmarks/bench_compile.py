@@ -26,7 +26,7 @@ from gateloop.ops import gateloop_chunk
 
 
 def lm_step(mixer: str):
-    """(make_step, check): make_step(compiled) -> a training-step closure on a fresh, seeded model."""
+    """make_step(compiled) -> a training-step closure on a fresh, seeded model (the same for both)."""
     x = torch.randint(0, 256, (16, 257), generator=torch.Generator().manual_seed(0))
 
     def make_step(compiled: bool):
