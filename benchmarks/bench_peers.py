@@ -180,11 +180,15 @@ def section_rnn(peers, repeat) -> list[dict]:
         rows.append(dict(section="rnn", what=name, fwd_ms=f, fwdbwd_ms=fb, note=""))
     x = torch.randn(B, 512, D)
     ours, theirs = MIXERS["lstm"](D, variant="NP"), torch.nn.LSTM(D, D, batch_first=True)
+    reference = MIXERS["lstm"](D, variant="NP", mode="recurrent")
     for name, fn, params in (("LSTM (ours, NP variant = nn.LSTM's maths), T=512", lambda: ours(x)[0],
                               list(ours.parameters())),
-                             ("torch.nn.LSTM, T=512", lambda: theirs(x)[0], list(theirs.parameters()))):
+                             ("torch.nn.LSTM, T=512", lambda: theirs(x)[0], list(theirs.parameters())),
+                             ("LSTM (ours, mode=recurrent: autograd through the loop), T=512",
+                              lambda: reference(x)[0], list(reference.parameters()))):
         f, fb = fwd_and_fwdbwd(fn, params, repeat)
         rows.append(dict(section="rnn", what=name, fwd_ms=f, fwdbwd_ms=fb, note=""))
+    rows[4]["note"] = f"this / ours (mode=loop): fwd+bwd x{rows[4]['fwdbwd_ms'] / rows[2]['fwdbwd_ms']:.2f}"
     for i in (0, 2):
         rows[i]["note"] = (f"peer / ours: fwd x{rows[i + 1]['fwd_ms'] / rows[i]['fwd_ms']:.2f}, "
                            f"fwd+bwd x{rows[i + 1]['fwdbwd_ms'] / rows[i]['fwdbwd_ms']:.2f}")

@@ -80,6 +80,23 @@ def test_gradients_reach_the_initial_state(variant):
         assert s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().max() > 0
 
 
+@pytest.mark.parametrize("variant", ["vanilla", "CIFG", "FGR"])
+def test_modes_agree(variant):
+    """mode="loop" (the default) and "recurrent" (the reference): same outputs, states, gradients."""
+    torch.manual_seed(0)
+    layer = LSTM(D, variant=variant, hidden_size=6).double()
+    x = inputs().requires_grad_()
+    results = {}
+    for mode in ("loop", "recurrent"):
+        layer.mode = mode
+        y, state = layer(x)
+        loss = y.square().sum() + state[1].sum()
+        results[mode] = (y, *state, *torch.autograd.grad(loss, [x, *layer.parameters()]))
+    assert LSTM(D).mode == "loop"
+    for j, (a, e) in enumerate(zip(results["loop"], results["recurrent"], strict=True)):
+        assert_close_rms(a, e, what=f"output, state or gradient {j}")
+
+
 def test_initialisation():
     layer = LSTM(D, n_layers=4, hidden_size=6, forget_bias=2.0)
     bias = layer.W.bias.detach().view(4, 6)  # blocks i, f, z, o
@@ -107,6 +124,7 @@ def test_float32_state_under_bfloat16_autocast():
 @pytest.mark.parametrize("opts,match", [
     ({"variant": "vanila"}, "variant"), ({"variant": "np"}, "variant"), ({"hidden_size": 0}, "hidden_size"),
     ({"hidden_size": 4.0}, "hidden_size"), ({"forget_bias": float("nan")}, "forget_bias"),
+    ({"mode": "scan"}, "mode"),
 ])
 def test_bad_options_raise(opts, match):
     with pytest.raises(ValueError, match=match):

@@ -1,5 +1,7 @@
-"""The LSTM op against torch.nn.LSTM (NP) and against the paper's equations written out by hand for every
-variant (outputs, final states and all gradients), each variant's defining property, dtypes, errors."""
+"""Both LSTM ops (the reference loop and lstm_loop, its fast path with a written-out backward) against
+torch.nn.LSTM (NP) and against the paper's equations written out by hand for every variant (outputs,
+final states and all gradients), the fast path against the reference on long sequences, each
+variant's defining property, dtypes, errors."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TOL, assert_close_rms
 
-from gateloop.ops.lstm import GATES, PEEPHOLES, VARIANTS, lstm_recurrent
+from gateloop.ops.lstm import GATES, LSTM_MODES, PEEPHOLES, VARIANTS, lstm_loop, lstm_recurrent
 
 B, N, DX = 2, 4, 5
 f64 = torch.float64
@@ -18,8 +20,9 @@ def rnd(*shape, seed):
     return torch.randn(*shape, dtype=f64, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("mode", LSTM_MODES)
 @pytest.mark.parametrize("T", [1, 7, 200])
-def test_np_equals_torch_lstm(T):
+def test_np_equals_torch_lstm(T, mode):
     """NP is torch.nn.LSTM: outputs, final (h, c) and the gradients of every weight, x, h0 and c0."""
     torch.manual_seed(0)
     ref = torch.nn.LSTM(DX, N, batch_first=True).double()
@@ -34,8 +37,8 @@ def test_np_equals_torch_lstm(T):
     y_ref, (h_ref, c_ref) = ref(x, (h0, c0))
     expected = loss_and_grads(y_ref, h_ref[0], c_ref[0])
     x_proj = F.linear(x, ref.weight_ih_l0, ref.bias_ih_l0 + ref.bias_hh_l0)
-    y, (h, c) = lstm_recurrent(x_proj, ref.weight_hh_l0, variant="NP", initial_state=(h0[0], c0[0]),
-                               output_final_state=True)
+    y, (h, c) = LSTM_MODES[mode](x_proj, ref.weight_hh_l0, variant="NP", initial_state=(h0[0], c0[0]),
+                                 output_final_state=True)
     actual = loss_and_grads(y, h, c)
     for what, a, e in zip(["y", "h", "c"], actual[:3], expected[:3]):
         assert_close_rms(a, e, what=what)
@@ -78,15 +81,15 @@ def paper_lstm(P, variant, T):
     return torch.stack(ys, dim=1), ((y, c, prev) if variant == "FGR" else (y, c))
 
 
-def op_lstm(P, variant, T, dtype=f64):
+def op_lstm(P, variant, T, dtype=f64, mode="recurrent"):
     """The op on the blocks its variant declares (GATES, PEEPHOLES), taken from the full set."""
     cast = (lambda name: P[name].to(dtype))
     x_proj = torch.cat([cast(f"a{k}")[:, :T] for k in GATES[variant]], dim=-1)
     R = torch.cat([cast(f"R{k}") for k in GATES[variant]], dim=0)
     p = torch.stack([cast(f"p{k}") for k in PEEPHOLES[variant]]) if PEEPHOLES[variant] else None
     state = (cast("y0"), cast("c0")) + ((cast("g0"),) if variant == "FGR" else ())
-    return lstm_recurrent(x_proj, R, p, R_gates=cast("R_gates") if variant == "FGR" else None,
-                          variant=variant, initial_state=state, output_final_state=True)
+    return LSTM_MODES[mode](x_proj, R, p, R_gates=cast("R_gates") if variant == "FGR" else None,
+                            variant=variant, initial_state=state, output_final_state=True)
 
 
 def outputs_and_grads(P, result):
@@ -97,19 +100,55 @@ def outputs_and_grads(P, result):
     return [y.detach(), *(s.detach() for s in state)], dict(zip(P, grads))
 
 
+@pytest.mark.parametrize("mode", LSTM_MODES)
 @pytest.mark.parametrize("dtype", [f64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("T", [1, 9])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_op_matches_the_papers_equations(variant, T, dtype):
+def test_op_matches_the_papers_equations(variant, T, dtype, mode):
     P = full_params()
     out_ref, grads_ref = outputs_and_grads(P, paper_lstm(P, variant, T))
-    out, grads = outputs_and_grads(P, op_lstm(P, variant, T, dtype))
+    out, grads = outputs_and_grads(P, op_lstm(P, variant, T, dtype, mode))
     for j, (a, e) in enumerate(zip(out, out_ref, strict=True)):
         assert a.dtype == dtype
         assert_close_rms(a, e, dtype, what=f"{variant} output/state {j}")
     for name, e in grads_ref.items():
         assert_close_rms(grads[name], e, dtype, what=f"{variant} d/d{name}")
         assert torch.isfinite(grads[name]).all()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fast_loop_matches_the_reference_on_long_sequences(variant):
+    """lstm_loop against lstm_recurrent over 300 float32 steps from a non-zero state, with gradients
+    flowing in from only part of the outputs (the rest arrive as zeros) and from the final state."""
+    Bl, Nl, T = 3, 16, 300
+    G, P = len(GATES[variant]), len(PEEPHOLES[variant])
+    g = torch.Generator().manual_seed(1)
+    leaves = [torch.randn(Bl, T, G * Nl, generator=g), torch.randn(G * Nl, Nl, generator=g) / Nl ** 0.5,
+              torch.randn(P, Nl, generator=g) if P else None,
+              torch.randn(3 * Nl, 3 * Nl, generator=g) / (3 * Nl) ** 0.5 if variant == "FGR" else None,
+              torch.randn(Bl, Nl, generator=g), torch.randn(Bl, Nl, generator=g)]
+    if variant == "FGR":
+        leaves.append(torch.rand(Bl, 3 * Nl, generator=g))
+    leaves = [x if x is None else x.requires_grad_() for x in leaves]
+    w = torch.randn(Bl, T, Nl, generator=g) * (torch.arange(T) < 250)[:, None]  # the last steps get no output gradient
+    results = {}
+    for mode, op in LSTM_MODES.items():
+        x_proj, R, p, R_gates, *state = leaves
+        y, final = op(x_proj, R, p, R_gates=R_gates, variant=variant, initial_state=tuple(state),
+                      output_final_state=True)
+        loss = (y * w).sum() + final[1].square().sum()
+        used = [x for x in leaves if x is not None]
+        results[mode] = (y.detach(), *(s.detach() for s in final), *torch.autograd.grad(loss, used))
+    for j, (a, e) in enumerate(zip(results["loop"], results["recurrent"], strict=True)):
+        assert_close_rms(a, e, torch.float32, what=f"{variant}: output, state or gradient {j}")
+
+
+def test_fast_loop_keeps_float32_under_autocast():
+    x, R, p = rnd(B, 5, 4 * N, seed=0).float(), rnd(4 * N, N, seed=1).float(), rnd(3, N, seed=2).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, s = lstm_loop(x, R, p, output_final_state=True)
+    assert y.dtype == torch.float32 and s[1].dtype == torch.float32
+    assert_close_rms(y, lstm_recurrent(x, R, p)[0], torch.float32)
 
 
 def one_step(variant, z_pre=0.0, c0=None, seed=0):
@@ -172,26 +211,28 @@ def test_bfloat16_accumulates_in_float32():
     assert_close_rms(y16, y64, tol=5e-2, what="bfloat16 output")
 
 
-def test_bad_arguments_raise():
+@pytest.mark.parametrize("mode", LSTM_MODES)
+def test_bad_arguments_raise(mode):
+    op = LSTM_MODES[mode]
     x, R, p = rnd(B, 3, 4 * N, seed=0), rnd(4 * N, N, seed=1), rnd(3, N, seed=2)
     with pytest.raises(ValueError, match="variant"):
-        lstm_recurrent(x, R, p, variant="GRU")
+        op(x, R, p, variant="GRU")
     with pytest.raises(ValueError, match="x_proj"):
-        lstm_recurrent(x[..., :-1], R, p)
+        op(x[..., :-1], R, p)
     with pytest.raises(ValueError, match="x_proj"):
-        lstm_recurrent(x[:, :0], R, p)
+        op(x[:, :0], R, p)
     with pytest.raises(ValueError, match="R must be"):
-        lstm_recurrent(x[..., :3 * N], R[:3 * N], p[:2], variant="vanilla")
+        op(x[..., :3 * N], R[:3 * N], p[:2], variant="vanilla")
     with pytest.raises(ValueError, match="needs p"):
-        lstm_recurrent(x, R, p, variant="NP")
+        op(x, R, p, variant="NP")
     with pytest.raises(ValueError, match="needs p"):
-        lstm_recurrent(x, R, None)
+        op(x, R, None)
     with pytest.raises(ValueError, match="R_gates"):
-        lstm_recurrent(x, R, p, variant="FGR")
+        op(x, R, p, variant="FGR")
     with pytest.raises(ValueError, match="R_gates"):
-        lstm_recurrent(x, R, p, R_gates=torch.zeros(3 * N, 3 * N, dtype=f64))
+        op(x, R, p, R_gates=torch.zeros(3 * N, 3 * N, dtype=f64))
     with pytest.raises(ValueError, match="initial_state"):
-        lstm_recurrent(x, R, p, initial_state=(torch.zeros(B, N, dtype=f64),))
+        op(x, R, p, initial_state=(torch.zeros(B, N, dtype=f64),))
     with pytest.raises(ValueError, match="initial_state"):
-        lstm_recurrent(x, R, p, R_gates=torch.zeros(3 * N, 3 * N, dtype=f64), variant="FGR",
+        op(x, R, p, R_gates=torch.zeros(3 * N, 3 * N, dtype=f64), variant="FGR",
                        initial_state=(torch.zeros(B, N, dtype=f64),) * 2)

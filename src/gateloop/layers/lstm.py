@@ -1,5 +1,5 @@
 """The LSTM mixer (Greff et al. 2015, "LSTM: A Search Space Odyssey", arXiv 1503.04069): the vanilla
-LSTM with peepholes or one of its eight variants, around the reference loop in ops/lstm.py
+LSTM with peepholes or one of its eight variants, around the loop of ops/lstm.py
 (MODELS.md section 6): the sequential baseline the parallel mixers are measured against."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..ops.lstm import GATES, PEEPHOLES, VARIANTS, State, lstm_recurrent
+from ..ops.lstm import GATES, LSTM_MODES, PEEPHOLES, VARIANTS, State
 
 
 class LSTM(nn.Module):
@@ -24,6 +24,8 @@ class LSTM(nn.Module):
     Options:
       variant: one of VARIANTS: "vanilla", "NIG", "NFG", "NOG", "NIAF", "NOAF", "NP", "CIFG", "FGR".
       hidden_size: N, the number of cells (default d_model).
+      mode: "loop" (default: the loop with its backward pass written out, ops/lstm.py: lstm_loop) or
+        "recurrent" (the reference loop, differentiated by autograd; several times slower to train).
       forget_bias: added to the forget gate's bias at init, so the cells start by remembering
         (Gers et al. 2000). CIFG, whose f = 1 - i, subtracts it from the input gate's bias instead, which
         starts f at the same value; NFG has no forget gate to bias.
@@ -38,17 +40,19 @@ class LSTM(nn.Module):
     """
 
     def __init__(self, d_model: int, *, layer_idx: int = 0, n_layers: int = 1, variant: str = "vanilla",
-                 hidden_size: int | None = None, forget_bias: float = 1.0):
+                 hidden_size: int | None = None, forget_bias: float = 1.0, mode: str = "loop"):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if mode not in LSTM_MODES:
+            raise ValueError(f"mode must be one of {sorted(LSTM_MODES)}, got {mode!r}")
         N = d_model if hidden_size is None else hidden_size
         if not isinstance(N, int) or N < 1:
             raise ValueError(f"hidden_size must be a positive integer (or None), got {hidden_size!r}")
         if not math.isfinite(forget_bias):
             raise ValueError(f"forget_bias must be finite, got {forget_bias}")
         self.d_model, self.layer_idx, self.n_layers = d_model, layer_idx, n_layers
-        self.variant, self.hidden_size, self.forget_bias = variant, N, float(forget_bias)
+        self.variant, self.hidden_size, self.forget_bias, self.mode = variant, N, float(forget_bias), mode
         G, P = len(GATES[variant]), len(PEEPHOLES[variant])
         self.W = nn.Linear(d_model, G * N)
         self.R = nn.Parameter(torch.empty(G * N, N))
@@ -80,10 +84,11 @@ class LSTM(nn.Module):
         x_proj = self.W(x)  # [B, T, G N]: the only part computed for all steps at once
         # The op accumulates in float32 itself; autocast would push the step matmuls back to bfloat16.
         with torch.autocast(x.device.type, enabled=False):
-            y, new_state = lstm_recurrent(x_proj, self.R, self.p, R_gates=self.R_gates, variant=self.variant,
-                                          initial_state=state, output_final_state=True)
+            lstm = LSTM_MODES[self.mode]
+            y, new_state = lstm(x_proj, self.R, self.p, R_gates=self.R_gates, variant=self.variant,
+                                initial_state=state, output_final_state=True)
         return (y if self.W_out is None else self.W_out(y)), new_state
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, hidden_size={self.hidden_size}, variant={self.variant!r}, "
-                f"forget_bias={self.forget_bias}")
+                f"forget_bias={self.forget_bias}, mode={self.mode!r}")

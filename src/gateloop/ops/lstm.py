@@ -9,6 +9,10 @@ Vanilla LSTM, blocks in torch.nn.LSTM's order (i, f, z, o), a_t^k = x_proj_t^k +
     o_t = sigma(a_t^o + p_o * c_t)              y_t = o_t * h(c_t)            g = h = tanh
 The output gate's peephole sees the new cell c_t, the other two the old one.
 
+Two implementations of the same loop: lstm_recurrent, the reference, differentiated by autograd
+through every step; lstm_loop, the fast path, one autograd Function whose backward pass (BPTT) is
+written out and checked against the reference in tests/ops/test_lstm.py.
+
 Variants: NIG / NFG / NOG: i / f / o fixed to 1 (its block and peephole are gone). NIAF: g = identity.
 NOAF: h = identity. NP: no peepholes; with R = weight_hh and x_proj = x weight_ih^T + b_ih + b_hh it is
 exactly torch.nn.LSTM. CIFG: f_t = 1 - i_t (no f block). FGR: every gate's pre-activation also gets
@@ -99,3 +103,132 @@ def lstm_recurrent(x_proj: Tensor, R: Tensor, p: Tensor | None = None, *, R_gate
         out.append(y)
     final = (y, c, *prev) if output_final_state else None
     return torch.stack(out, dim=1).to(dtype), final
+
+
+def lstm_loop(x_proj: Tensor, R: Tensor, p: Tensor | None = None, *, R_gates: Tensor | None = None,
+              variant: str = "vanilla", initial_state: State | None = None,
+              output_final_state: bool = False) -> tuple[Tensor, State | None]:
+    """lstm_recurrent's loop inside one autograd Function whose backward (BPTT) is written out: the same
+    arguments and results, without an autograd graph of ~15 nodes per step. The recurrent weights'
+    and peepholes' gradients are then a few big products over all steps, after the loop."""
+    dtype = x_proj.dtype
+    x_proj, R, p, R_gates, state = _prepare(x_proj, R, p, R_gates, variant, initial_state)
+    with torch.autocast(x_proj.device.type, enabled=False):  # the loop's products stay in float32
+        y, *final = _LSTMLoop.apply(variant, x_proj, R, p, R_gates, *state)
+    return y.to(dtype), (tuple(final) if output_final_state else None)
+
+
+class _LSTMLoop(torch.autograd.Function):
+    """Forward: the loop, keeping each step's gate activations. Backward: the adjoint loop, from the last
+    step to the first, carrying dL/dy_t, dL/dc_t (and FGR's dL/d[i; f; o]_t) back through each step."""
+
+    @staticmethod
+    def forward(ctx, variant, x_proj, R, p, R_gates, y, c, *prev):
+        gates, peep = GATES[variant], PEEPHOLES[variant]
+        (B, T, _), G, N = x_proj.shape, len(gates), R.shape[1]
+        ji, jf, jz, jo = (gates.index(k) if k in gates else None for k in "ifzo")
+        ifo = [ji, jf, jo] if prev else []
+        n_old = sum(k in peep for k in "if")  # the leading blocks, which peep at c_{t-1}
+        p_o = p[peep.index("o")] if "o" in peep else None
+        # Every step writes its gate activations, cell and output straight into these.
+        A, C, Y = x_proj.new_empty(B, T, G, N), x_proj.new_empty(B, T, N), x_proj.new_empty(B, T, N)
+        ctx.variant, initial = variant, (y, c, *prev)
+        for t in range(T):
+            a = torch.addmm(x_proj[:, t], y, R.t()).unflatten(-1, (G, N))
+            if prev:  # FGR: the gates also see all gates' previous activations
+                a[:, ifo] += (prev[0] @ R_gates.t()).unflatten(-1, (3, N))
+            if n_old:
+                a[:, :n_old].addcmul_(p[:n_old], c[:, None])
+            act = A[:, t]
+            torch.sigmoid(a, out=act)  # every block at once; z and (with a peephole) o are redone below
+            if variant == "NIAF":
+                act[:, jz] = a[:, jz]
+            else:
+                torch.tanh(a[:, jz], out=act[:, jz])
+            iz = act[:, jz] if ji is None else act[:, ji] * act[:, jz]
+            f = act[:, jf] if jf is not None else (1 - act[:, ji] if variant == "CIFG" else None)
+            c = torch.add(c, iz, out=C[:, t]) if f is None else torch.addcmul(iz, f, c, out=C[:, t])
+            hc = _h(variant, c)
+            if jo is None:
+                Y[:, t] = hc
+            else:
+                if p_o is not None:  # o peeps at the new cell
+                    torch.sigmoid(torch.addcmul(a[:, jo], p_o, c), out=act[:, jo])
+                torch.mul(act[:, jo], hc, out=Y[:, t])
+            y = Y[:, t]
+            if prev:
+                prev = (act[:, ifo].flatten(1),)
+        ctx.save_for_backward(R, p, R_gates, A, C, Y, *initial)
+        return (Y, y.clone(), c.clone(), *prev)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dY, dy, dc, *dprev):  # gradients arrive materialised (zeros where unused)
+        variant = ctx.variant
+        R, p, R_gates, A, C, Y, y0, c0, *prev0 = ctx.saved_tensors
+        gates, peep = GATES[variant], PEEPHOLES[variant]
+        act = dict(zip(gates, A.unbind(2)))  # each [B, T, N]
+        C_prev = torch.cat([c0[:, None], C[:, :-1]], dim=1)
+        hc = _h(variant, C)
+        # Every factor that does not depend on the incoming gradients, for all steps at once, so that
+        # a step of the loop is a few multiply-adds: dL/da_k = dL/dc_t * factor[k] for k in i, f, z
+        # (CIFG's f = 1 - i folds its f path into i's factor), dL/da_o = dL/dy_t * factor["o"].
+        slope = {k: act[k] * (1 - act[k]) for k in "ifo" if k in act}  # sigma' = s (1 - s)
+        factor = {"z": (1.0 if variant == "NIAF" else 1 - act["z"].square()) * act.get("i", 1.0)}
+        if "i" in act:
+            factor["i"] = slope["i"] * (act["z"] - C_prev if variant == "CIFG" else act["z"])
+        if "f" in act:
+            factor["f"] = slope["f"] * C_prev
+        if "o" in act:
+            factor["o"] = slope["o"] * hc
+        keep = act["f"] if "f" in act else (1 - act["i"] if variant == "CIFG" else None)  # dc_t/dc_{t-1}
+        dy_dc = torch.ones_like(C) if variant == "NOAF" else 1 - hc.square()  # dy_t/dc_t at fixed o
+        if "o" in act:
+            dy_dc = dy_dc * act["o"]
+        n_old, p_o = sum(k in peep for k in "if"), (p[peep.index("o")] if "o" in peep else None)
+        blocks = [(gates.index(k), factor[k], slope.get(k), "ifo".find(k)) for k in gates if k != "o"]
+        jo = gates.index("o") if "o" in gates else None
+        fgr = bool(prev0)
+        dprev = dprev[0].unflatten(-1, (3, -1)) if fgr else None
+        dA = torch.empty_like(A)  # dL/d(pre-activations), filled step by step: also dL/dx_proj
+        for t in reversed(range(A.shape[1])):
+            da = dA[:, t]
+            dy_t = dY[:, t] + dy
+            dc_t = torch.addcmul(dc, dy_t, dy_dc[:, t])
+            if jo is not None:
+                torch.mul(dy_t, factor["o"][:, t], out=da[:, jo])
+                if fgr:
+                    da[:, jo].addcmul_(dprev[:, 2], slope["o"][:, t])
+                if p_o is not None:
+                    dc_t.addcmul_(da[:, jo], p_o)
+            for j, fac, s, r in blocks:
+                torch.mul(dc_t, fac[:, t], out=da[:, j])
+                if fgr and r >= 0:
+                    da[:, j].addcmul_(dprev[:, r], s[:, t])
+            dc = dc_t if keep is None else dc_t * keep[:, t]
+            if n_old:
+                dc += (da[:, :n_old] * p[:n_old]).sum(1)
+            dy = da.flatten(1) @ R
+            if fgr:
+                dprev = (da[:, [gates.index(k) for k in "ifo"]].flatten(1) @ R_gates).unflatten(-1, (3, -1))
+        # Weight gradients: sums over every (batch, step) pair, as single products.
+        Y_prev = torch.cat([y0[:, None], Y[:, :-1]], dim=1)
+        dR = dA.flatten(2).flatten(0, 1).t() @ Y_prev.flatten(0, 1)
+        dp = None
+        if p is not None:
+            dp = torch.stack([(dA[:, :, gates.index(k)] * (C if k == "o" else C_prev)).sum((0, 1)) for k in peep])
+        dR_gates, dprev0 = None, ()
+        if fgr:
+            ifo = [gates.index(k) for k in "ifo"]
+            P = torch.cat([prev0[0][:, None], A[:, :-1][:, :, ifo].flatten(2)], dim=1)  # [i; f; o]_{t-1}
+            dR_gates = dA[:, :, ifo].flatten(2).flatten(0, 1).t() @ P.flatten(0, 1)
+            dprev0 = (dprev.flatten(1),)
+        return (None, dA.flatten(2), dR, dp, dR_gates, dy, dc, *dprev0)
+
+
+def _h(variant: str, c: Tensor) -> Tensor:
+    """The cell's output nonlinearity: tanh, or the identity for NOAF."""
+    return c if variant == "NOAF" else torch.tanh(c)
+
+
+LSTM_MODES = {"recurrent": lstm_recurrent, "loop": lstm_loop}
