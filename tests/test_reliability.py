@@ -26,7 +26,7 @@ from gateloop import checkpoint as ckpt
 from gateloop.cli import main
 from gateloop.config import load_config
 from gateloop.errors import UserError
-from gateloop.train import MAX_BAD_STEPS, train
+from gateloop.train import MAX_BAD_STEPS, _stop_requests, train
 
 STEPS = 24
 TINY = {"model.d_model": 16, "model.n_layers": 1, "train.steps": STEPS, "train.batch_size": 4,
@@ -116,25 +116,40 @@ def reference(corpus, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_resume_after_a_kill_is_bitwise_the_uninterrupted_run(corpus, reference, tmp_path, signum):
-    """SIGTERM saves a checkpoint at the current step and exits 143; SIGKILL loses the steps since the
-    last checkpoint (checkpoint_every=4). Either way `--resume` ends with bitwise the same weights,
-    optimizer-driven trajectory and loss curve (train and validation) as the uninterrupted run."""
+    """SIGTERM and SIGINT (Ctrl-C) save a checkpoint at the current step and exit 128 + signum; SIGKILL
+    loses the steps since the last checkpoint (checkpoint_every=4). Either way `--resume` ends with
+    bitwise the same weights, optimizer-driven trajectory and loss curve (train and validation) as the
+    uninterrupted run."""
     run = tmp_path / "run"
     proc = start(argv(corpus, run))
     wait_for_step(run, 6, proc)
-    proc.terminate() if signum == signal.SIGTERM else proc.kill()
+    os.kill(proc.pid, signum)
     proc.join(60)
     stopped_at = ckpt.load_trainer_state(run)["step"]
-    if signum == signal.SIGTERM:
-        assert proc.exitcode == 128 + signal.SIGTERM
+    if signum != signal.SIGKILL:
+        assert proc.exitcode == 128 + signum
         assert stopped_at >= 6 and json.loads((run / ckpt.CONFIG).read_text())["step"] == stopped_at
     else:
         assert proc.exitcode == -signal.SIGKILL and stopped_at % 4 == 0
     assert stopped_at < STEPS
     assert finish(["train", "--resume", str(run), "--no-progress"]) == 0
     assert_same_run(run, reference)
+
+
+def test_a_second_ctrl_c_quits_at_once(capsys):
+    """The first SIGINT is a request the training loop polls (it saves, then stops); a second one
+    raises KeyboardInterrupt, for a user who will not wait for the checkpoint."""
+    with _stop_requests(signal.SIGTERM, signal.SIGINT) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs in the main thread at the next bytecode
+        assert stop == [signal.SIGINT]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert "saving a checkpoint" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
 
 
 def test_random_kills_never_leave_a_broken_run(corpus, reference, tmp_path):

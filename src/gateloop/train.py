@@ -5,7 +5,7 @@ resumed run sees exactly the batches an uninterrupted one would), AdamW with war
 decay, per-parameter learning-rate scales (`p.lr_scale`, e.g. GateLoop's transitions), gradient
 clipping, skipped non-finite steps, periodic evaluation and atomic checkpoints. The same loop runs
 as one process or as N under torchrun (distributed.py): each rank takes its block of the global
-batch, DDP averages gradients, rank 0 writes. SIGTERM saves a checkpoint and stops (Stopped).
+batch, DDP averages gradients, rank 0 writes. SIGTERM or Ctrl-C saves a checkpoint and stops (Stopped).
 
 Resume is exact: on CPU with a fixed number of threads, a run stopped (SIGTERM, or SIGKILL after a
 checkpoint) and resumed ends with bitwise the parameters and the loss curve of an uninterrupted
@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -127,7 +128,7 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
 
 
 class Stopped(Exception):
-    """A signal (SIGTERM) stopped training after a checkpoint was saved; the CLI exits 128 + signum."""
+    """A signal (SIGTERM, SIGINT) stopped training after a checkpoint was saved; the CLI exits 128 + signum."""
 
     def __init__(self, signum: int, step: int, out_dir: Path):
         self.signum, self.step, self.out_dir = signum, step, out_dir
@@ -136,14 +137,25 @@ class Stopped(Exception):
 
 
 @contextlib.contextmanager
-def _stop_requests(*signums: int):
+def _stop_requests(*signums: int, announce: bool = True):
     """Yields a list that the given signals append to (instead of killing the process), for the loop
-    to poll between steps. Handlers can only be set from the main thread; elsewhere nothing is caught."""
+    to poll between steps; a second SIGINT (Ctrl-C) raises KeyboardInterrupt, for a user who will not
+    wait. Handlers can only be set from the main thread; elsewhere nothing is caught."""
     requested: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield requested
         return
-    previous = {s: signal.signal(s, lambda signum, frame: requested.append(signum)) for s in signums}
+
+    def request(signum, frame):
+        if signum == signal.SIGINT:
+            if requested:  # a second Ctrl-C: stop at once, without a checkpoint
+                raise KeyboardInterrupt
+            if announce:  # under torchrun every rank gets the Ctrl-C; rank 0 says so
+                print("\ngateloop: interrupted: saving a checkpoint, then stopping (Ctrl-C again: quit without one)",
+                      file=sys.stderr, flush=True)
+        requested.append(signum)
+
+    previous = {s: signal.signal(s, request) for s in signums}
     try:
         yield requested
     finally:
@@ -155,7 +167,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, progress
     """Train per cfg, writing the run directory out_dir; returns the final evaluation metrics.
 
     One process, or one of N under torchrun (see distributed.py): the same code, rank 0 writing.
-    SIGTERM saves a checkpoint at the current step, then raises Stopped. `resume=True` continues from
+    SIGTERM or SIGINT (Ctrl-C) saves a checkpoint at the current step, then raises Stopped. `resume=True` continues from
     out_dir's trainer_state.pt with the same batches, learning rates and optimizer state as an
     uninterrupted run.
     """
@@ -258,7 +270,7 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, progress: bool, dist: di
     model.train()
     bar = tqdm(total=tc.steps, initial=step, disable=not (progress and main), unit="step", dynamic_ncols=True)
     last_log, tokens_since = time.perf_counter(), 0
-    with _stop_requests(signal.SIGTERM) as stop:
+    with _stop_requests(signal.SIGTERM, signal.SIGINT, announce=main) as stop:
         while step < tc.steps:
             x, y = (dist.shard(t).to(device) for t in get_batch(data.ids["train"], tc.batch_size, tc.seq_len,
                                                                tc.seed, step))
