@@ -170,28 +170,32 @@ def section_layer(peers, repeat) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- rnn
 
 def section_rnn(peers, repeat) -> list[dict]:
+    """Per family three rows: ours (default mode), the peer, our reference or paper's form; the notes
+    give the peer's time over ours, and the reference's over ours."""
     B, D = 4, 512
     rows = []
-    x = torch.randn(B, 2048, D)
-    ours, theirs = MIXERS["mingru"](D), peers["minGRU"](D)
-    for name, fn, params in (("minGRU (ours, scan), T=2048", lambda: ours(x)[0], list(ours.parameters())),
-                             ("minGRU (mingru-pytorch), T=2048", lambda: theirs(x), list(theirs.parameters()))):
-        f, fb = fwd_and_fwdbwd(fn, params, repeat)
-        rows.append(dict(section="rnn", what=name, fwd_ms=f, fwdbwd_ms=fb, note=""))
-    x = torch.randn(B, 512, D)
-    ours, theirs = MIXERS["lstm"](D, variant="NP"), torch.nn.LSTM(D, D, batch_first=True)
-    reference = MIXERS["lstm"](D, variant="NP", mode="recurrent")
-    for name, fn, params in (("LSTM (ours, NP variant = nn.LSTM's maths), T=512", lambda: ours(x)[0],
-                              list(ours.parameters())),
-                             ("torch.nn.LSTM, T=512", lambda: theirs(x)[0], list(theirs.parameters())),
-                             ("LSTM (ours, mode=recurrent: autograd through the loop), T=512",
-                              lambda: reference(x)[0], list(reference.parameters()))):
-        f, fb = fwd_and_fwdbwd(fn, params, repeat)
-        rows.append(dict(section="rnn", what=name, fwd_ms=f, fwdbwd_ms=fb, note=""))
-    rows[4]["note"] = f"this / ours (mode=loop): fwd+bwd x{rows[4]['fwdbwd_ms'] / rows[2]['fwdbwd_ms']:.2f}"
-    for i in (0, 2):
-        rows[i]["note"] = (f"peer / ours: fwd x{rows[i + 1]['fwd_ms'] / rows[i]['fwd_ms']:.2f}, "
-                           f"fwd+bwd x{rows[i + 1]['fwdbwd_ms'] / rows[i]['fwdbwd_ms']:.2f}")
+    families = [
+        (torch.randn(B, 2048, D), "T=2048", [
+            ("minGRU (ours, mode=blocked)", MIXERS["mingru"](D, mode="blocked"), True),
+            ("minGRU (mingru-pytorch)", peers["minGRU"](D), False),
+            ("minGRU (ours, mode=scan: the paper's log-space scan)", MIXERS["mingru"](D, mode="scan"), True)]),
+        (torch.randn(B, 512, D), "T=512", [
+            ("LSTM (ours, NP variant = nn.LSTM's maths, mode=loop)", MIXERS["lstm"](D, variant="NP"), True),
+            ("torch.nn.LSTM", torch.nn.LSTM(D, D, batch_first=True), True),
+            ("LSTM (ours, NP, mode=recurrent: autograd through the loop)",
+             MIXERS["lstm"](D, variant="NP", mode="recurrent"), True)]),
+    ]
+    for x, length, cases in families:
+        first = len(rows)
+        for name, module, returns_tuple in cases:
+            fn = (lambda m=module, t=returns_tuple: m(x)[0] if t else m(x))
+            f, fb = fwd_and_fwdbwd(fn, list(module.parameters()), repeat)
+            rows.append(dict(section="rnn", what=f"{name}, {length}", fwd_ms=f, fwdbwd_ms=fb, note=""))
+        ours, peer, ref = rows[first:first + 3]
+        ours["note"] = (f"peer / ours: fwd x{peer['fwd_ms'] / ours['fwd_ms']:.2f}, "
+                        f"fwd+bwd x{peer['fwdbwd_ms'] / ours['fwdbwd_ms']:.2f}")
+        ref["note"] = (f"this / ours: fwd x{ref['fwd_ms'] / ours['fwd_ms']:.2f}, "
+                       f"fwd+bwd x{ref['fwdbwd_ms'] / ours['fwdbwd_ms']:.2f}")
     return rows
 
 

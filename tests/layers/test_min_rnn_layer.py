@@ -1,5 +1,5 @@
-"""The minGRU / minLSTM mixers: scan mode equals recurrent mode (outputs, states, every gradient),
-state shapes and dtypes, options. The mixer contract itself runs in test_mixer_invariants.py."""
+"""The minGRU / minLSTM mixers: the scan and blocked modes equal the recurrent mode (outputs, states,
+every gradient), state shapes and dtypes, options. The mixer contract itself runs in test_mixer_invariants.py."""
 
 from __future__ import annotations
 
@@ -26,10 +26,11 @@ def grads_of(mixer, x, state):
 
 
 @pytest.mark.parametrize("opts", OPTIONS, ids=[str(i) for i in range(len(OPTIONS))])
+@pytest.mark.parametrize("mode", ["scan", "blocked"])
 @pytest.mark.parametrize("name", list(MIXER_CLASSES))
-def test_scan_mode_equals_recurrent_mode(name, opts):
+def test_parallel_modes_equal_recurrent_mode(name, mode, opts):
     torch.manual_seed(0)
-    scan = MIXER_CLASSES[name](16, mode="scan", **opts).double()
+    scan = MIXER_CLASSES[name](16, mode=mode, **opts).double()
     loop = MIXER_CLASSES[name](16, mode="recurrent", **opts).double()
     loop.load_state_dict(scan.state_dict())
     x = torch.randn(2, 37, 16, dtype=torch.float64)

@@ -1,5 +1,6 @@
-"""minGRU / minLSTM: the log-space scan against the recurrent reference (outputs, final states and
-every gradient, the initial state's included), split sequences, and the log g(h0) bug."""
+"""minGRU / minLSTM: the log-space scan and the blocked mode against the recurrent reference (outputs,
+final states and every gradient, the initial state's included), split sequences, saturated gates,
+and the log g(h0) bug."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from conftest import TOL, assert_close_rms, rel_rms
 from gateloop.ops.min_rnn import MINGRU_MODES, MINLSTM_MODES, g, log_g, mingru_recurrent, mingru_scan
 
 FAMILIES = {"mingru": (MINGRU_MODES, ["k_z"]), "minlstm": (MINLSTM_MODES, ["k_f", "k_i"])}
+PARALLEL = ["scan", "blocked"]
 
 
 def make_leaves(T, family, *, B=2, D=5, init=True, seed=0):
@@ -61,10 +63,11 @@ def check_against(result, expected, dtype, what):
 @pytest.mark.parametrize("init", [False, True], ids=["zero-state", "signed-state"])
 @pytest.mark.parametrize("use_g", [True, False], ids=["g", "identity"])
 @pytest.mark.parametrize("T", [1, 7, 64, 65, 1000])
+@pytest.mark.parametrize("mode", PARALLEL)
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_scan_matches_recurrent(family, T, use_g, init, dtype):
+def test_parallel_modes_match_recurrent(family, mode, T, use_g, init, dtype):
     leaves, expected = reference(T, family, init, use_g)
-    check_against(run("scan", family, leaves, dtype, use_g=use_g), expected, dtype, f"{family} T={T}")
+    check_against(run(mode, family, leaves, dtype, use_g=use_g), expected, dtype, f"{family} {mode} T={T}")
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 16, 64, 100, None])
@@ -77,7 +80,7 @@ def test_chunk_sizes(family, use_g, chunk_size):
 
 
 @pytest.mark.parametrize("split", [1, 30, 64, 99])
-@pytest.mark.parametrize("mode", ["recurrent", "scan"])
+@pytest.mark.parametrize("mode", list(MINGRU_MODES))
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_split_sequence_carries_state(family, mode, split):
     """[0, t) then [t, T) from the carried state equals one pass: outputs, state, all gradients."""
@@ -139,15 +142,17 @@ def test_g_and_log_g():
     assert log_g(torch.tensor(-1000.0)).item() == -1000.0  # g underflows to 0 there; log g does not
 
 
+@pytest.mark.parametrize("mode", PARALLEL)
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_states_stay_positive_with_g(family):
+def test_states_stay_positive_with_g(family, mode):
     leaves = make_leaves(200, family, init=False)
-    h, _ = call("scan", family, leaves)
+    h, _ = call(mode, family, leaves)
     assert (h > 0).all()
 
 
+@pytest.mark.parametrize("mode", PARALLEL)
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_zero_and_negative_candidates_without_g(family):
+def test_zero_and_negative_candidates_without_g(family, mode):
     """use_g=False: candidates exactly 0 for the first 5 steps, and all <= 0 in channel 0 (its positive
     part is missing throughout). No NaN, and a zero candidate keeps its gradient dh/dh~ = z != 0."""
     leaves = make_leaves(40, family, init=False)
@@ -156,18 +161,20 @@ def test_zero_and_negative_candidates_without_g(family):
         leaves["h_tilde_pre"][:, :, 0] = -leaves["h_tilde_pre"][:, :, 0].abs()
     expected = run("recurrent", family, leaves, use_g=False)
     for dtype in (torch.float64, torch.float32):
-        result = run("scan", family, leaves, dtype, use_g=False, chunk_size=8)
+        result = run(mode, family, leaves, dtype, use_g=False, **({"chunk_size": 8} if mode == "scan" else {}))
         check_against(result, expected, dtype, str(dtype))
 
 
+@pytest.mark.parametrize("mode", PARALLEL)
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_saturated_gates_stay_finite_in_float32(family):
-    """Logits of +-60 make sigma round to exactly 0 or 1 in float32; the log-space gates never do."""
+def test_saturated_gates_stay_finite_in_float32(family, mode):
+    """Logits of +-60 make sigma round to exactly 0 or 1 in float32; the log-space gates never do, and
+    the blocked mode takes 1 - z as sigma(-k_z)."""
     leaves = make_leaves(100, family)
     with torch.no_grad():
         for name in FAMILIES[family][1]:
             leaves[name].mul_(30)
-    h, S, grads = run("scan", family, leaves, torch.float32)
+    h, S, grads = run(mode, family, leaves, torch.float32)
     h_ref, S_ref, _ = run("recurrent", family, leaves)
     assert_close_rms(h, h_ref, torch.float32, what="output")
     assert_close_rms(S, S_ref, torch.float32, what="final state")
@@ -188,15 +195,16 @@ def test_chunks_keep_float32_accurate_on_long_sequences():
     assert rel_rms(single, ref) > 1e-4
 
 
-def test_bfloat16_inputs_accumulate_in_float32():
+@pytest.mark.parametrize("mode", PARALLEL)
+def test_bfloat16_inputs_accumulate_in_float32(mode):
     leaves = make_leaves(70, "minlstm")
-    h, S = call("scan", "minlstm", leaves, torch.bfloat16)
+    h, S = call(mode, "minlstm", leaves, torch.bfloat16)
     assert h.dtype == torch.bfloat16 and S.dtype == torch.float32
     h_ref, _ = call("recurrent", "minlstm", {n: x.bfloat16().double() for n, x in leaves.items()})
     assert_close_rms(h.double(), h_ref, tol=1e-2)  # the output itself is rounded to bfloat16
 
 
-@pytest.mark.parametrize("mode", ["recurrent", "scan"])
+@pytest.mark.parametrize("mode", list(MINGRU_MODES))
 def test_contract_violations_are_named(mode):
     op = MINGRU_MODES[mode]
     x = torch.randn(2, 5, 4)

@@ -23,7 +23,7 @@ class _MinRNN(nn.Module):
     MODES: dict = {}
 
     def __init__(self, d_model: int, *, layer_idx: int = 0, n_layers: int = 1, expansion: float = 1.0,
-                 mode: str = "scan", use_g: bool = True, chunk_size: int | None = 32, bias: bool = True):
+                 mode: str = "blocked", use_g: bool = True, chunk_size: int | None = 32, bias: bool = True):
         super().__init__()
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {sorted(self.MODES)}, got {mode!r}")
@@ -65,11 +65,12 @@ class MinGRU(_MinRNN):
 
     Options:
       expansion: d_inner / d_model, the width of the recurrence (the paper's optional up-projection).
-      mode: "scan" (the log-space parallel scan, for training) or "recurrent" (the loop). Both give the
-        same outputs, states and gradients; a single token always takes the loop.
+      mode: "blocked" (default: the blocked linear scan in probability space, the fastest), "scan" (the
+        paper's log-space parallel scan) or "recurrent" (the loop). All give the same outputs, states
+        and gradients; a single token always takes the loop.
       use_g: True applies the paper's g (x + 0.5 for x >= 0, sigma(x) below) to the candidate, its
         "log-space version" with positive states; False is the plain version, h~ used as is.
-      chunk_size: steps per chunk of the scan (None: one chunk, the paper's exact form); see
+      chunk_size: steps per chunk of the log-space scan (None: one chunk, the paper's exact form); see
         ops/min_rnn.py for why chunks keep float32 accurate.
       bias: biases on the gate and candidate projections (the paper's listings use nn.Linear's).
 

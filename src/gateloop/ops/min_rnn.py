@@ -26,6 +26,12 @@ and 3e-4 at T = 4096, against 2e-6 at any T with chunks of 32 steps. Gradients s
 cancellation, in proportion to the chunk size: with logits ~ N(0, 4), float32 gate gradients are off
 by about 1e-5 at C = 32 (4e-5 at C = 64, 1e-4 at C = 128). On CPU, C = 32 costs about what one
 chunk does.
+
+The blocked mode computes the same recurrence in probability space with the blocked linear scan that
+GateLoop's scan mode uses (ops/scan.py: linear_recurrence, a loop inside blocks of about sqrt(T) steps
+and across block ends, with a written-out backward). It needs no logs, so no exp/log per element
+and no cancellation: on CPU it is about 6x faster than the log-space scan and more accurate in
+float32. The log-space scan is the paper's parallel form; the blocked mode is the layers' default.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .scan import linear_recurrence_scan
+from .scan import linear_recurrence, linear_recurrence_scan
 
 Result = tuple[Tensor, Tensor | None]
 
@@ -174,5 +180,27 @@ def minlstm_scan(f_logits, i_logits, h_tilde_pre, *, initial_state=None, output_
     return _finish(h, h_tilde_pre.dtype, output_final_state)
 
 
-MINGRU_MODES = {"recurrent": mingru_recurrent, "scan": mingru_scan}
-MINLSTM_MODES = {"recurrent": minlstm_recurrent, "scan": minlstm_scan}
+def mingru_blocked(z_logits, h_tilde_pre, *, initial_state=None, output_final_state=False,
+                   use_g=True) -> Result:
+    """The recurrence in probability space, by the blocked scan of ops/scan.py (O(T) work, backward
+    written out). No logs, so a candidate of any sign is one term, and a_t = sigma(-k_z) = 1 - z_t
+    without cancellation when z_t is near 1."""
+    (k_z, h_tilde), h0 = _prepare(z_logits, h_tilde_pre, initial_state=initial_state)
+    cand = g(h_tilde) if use_g else h_tilde
+    h = linear_recurrence(torch.sigmoid(-k_z), torch.sigmoid(k_z) * cand, h0)
+    return _finish(h, h_tilde_pre.dtype, output_final_state)
+
+
+def minlstm_blocked(f_logits, i_logits, h_tilde_pre, *, initial_state=None, output_final_state=False,
+                    use_g=True) -> Result:
+    """As mingru_blocked, with f' = sigma(-d) and i' = sigma(d), d = log i - log f (see minlstm_scan):
+    f + i, which underflows when both gates are shut, is never formed."""
+    (k_f, k_i, h_tilde), h0 = _prepare(f_logits, i_logits, h_tilde_pre, initial_state=initial_state)
+    d = F.softplus(-k_f) - F.softplus(-k_i)
+    cand = g(h_tilde) if use_g else h_tilde
+    h = linear_recurrence(torch.sigmoid(-d), torch.sigmoid(d) * cand, h0)
+    return _finish(h, h_tilde_pre.dtype, output_final_state)
+
+
+MINGRU_MODES = {"recurrent": mingru_recurrent, "scan": mingru_scan, "blocked": mingru_blocked}
+MINLSTM_MODES = {"recurrent": minlstm_recurrent, "scan": minlstm_scan, "blocked": minlstm_blocked}
