@@ -20,6 +20,7 @@ Sections (each prints a table; all rows go to benchmarks/out/peers.csv, generati
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from gateloop.bench import SHAPES, chunk_flops, gemm_gflops, median_time
 from gateloop.layers import MIXERS
 from gateloop.models import LanguageModel, ModelConfig
 from gateloop.ops import gateloop_scan
+from gateloop.ops.fused import fused_scan_available
 
 PEERS = Path(__file__).parent / ".peers"
 
@@ -99,10 +101,19 @@ def section_op(peers, repeat) -> list[dict]:
     log_a = torch.complex(-0.1 * torch.rand(B, T, H, 1, generator=g), torch.rand(B, T, H, 1, generator=g))
     ours = [x.clone().requires_grad_() for x in (q, k, v, log_a)]
     theirs = [x.detach().clone().requires_grad_() for x in peer_layout(q, k, v, log_a)]
+    fused = fused_scan_available(q)
     f_o, fb_o = fwd_and_fwdbwd(lambda: gateloop_scan(*ours)[0], ours, repeat)
+    os.environ["GATELOOP_FUSED"] = "0"  # the PyTorch path (_GateLoopScan), the fused kernel's reference
+    try:
+        f_p, fb_p = fwd_and_fwdbwd(lambda: gateloop_scan(*ours)[0], ours, repeat)
+    finally:
+        del os.environ["GATELOOP_FUSED"]
     f_t, fb_t = fwd_and_fwdbwd(lambda: peers["gate_loop_operator"](*theirs), theirs, repeat)
     note = f"agree to {max(errs.values()):.0e}"
-    return [dict(section="op", what="gateloop_scan (ours)", fwd_ms=f_o, fwdbwd_ms=fb_o, note=note),
+    return [dict(section="op", what=f"gateloop_scan (ours, {'fused C++ kernel' if fused else 'PyTorch: no kernel'})",
+                 fwd_ms=f_o, fwdbwd_ms=fb_o, note=note),
+            dict(section="op", what="gateloop_scan (ours, PyTorch path: GATELOOP_FUSED=0)", fwd_ms=f_p,
+                 fwdbwd_ms=fb_p, note=f"ours faster than this: fwd x{f_p / f_o:.2f}, fwd+bwd x{fb_p / fb_o:.2f}"),
             dict(section="op", what="gate_loop_operator (gateloop-transformer)", fwd_ms=f_t, fwdbwd_ms=fb_t,
                  note=f"ours faster: fwd x{f_t / f_o:.2f}, fwd+bwd x{fb_t / fb_o:.2f} (target x5)")]
 

@@ -1,0 +1,174 @@
+// GateLoop's max-headed scan (K = V = 1) as two fused CPU loops: the forward recurrence with its
+// output, and the adjoint recurrence with every gradient. The PyTorch reference is
+// gateloop/ops/gateloop.py: _GateLoopScan; gateloop/ops/fused.py loads this file and documents it.
+//
+// Per channel (b, h), with a_t = ar_t + i ai_t (ai absent for a real decay) and x_t = k_t v_t:
+//   forward:  S_t = a_t S_{t-1} + x_t,  o_t = q_t Re(S_t)
+//   backward: r_t = q_t do_t + conj(a_{t+1}) r_{t+1}   (r_{T-1} also gets dL/dS_T)
+//             dq_t = do_t Re(S_t),  dk_t = Re(r_t) v_t,  dv_t = Re(r_t) k_t,
+//             dlog_a_t = r_t conj(a_t S_{t-1}),  dS0 = conj(a_0) r_0
+// All tensors are contiguous [B, T, H] (states [B, H]) planes of one real dtype; channels are the
+// innermost index, so each inner loop runs over contiguous memory and vectorises.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kGrain = 256;  // channels per parallel task
+
+template <typename T>
+const T* ptr_or_null(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+// The inner loops below are branch-free (CPLX is a template parameter; a missing previous state
+// or next transition points at a row of zeros or ones) so that the compiler vectorises them.
+template <typename T, bool CPLX>
+void forward_loop(const T* q, const T* k, const T* v, const T* ar, const T* ai, const T* h0r,
+                  const T* h0i, T* o, T* Sr, T* Si, int64_t B, int64_t L, int64_t H) {
+  const std::vector<T> zeros(H, T(0));
+  at::parallel_for(0, B * H, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin / H; b * H < end; ++b) {
+      const int64_t h_lo = std::max(begin - b * H, int64_t(0)), h_hi = std::min(end - b * H, H);
+      for (int64_t t = 0; t < L; ++t) {
+        const int64_t row = (b * L + t) * H;
+        const T* pr = t ? Sr + row - H : h0r ? h0r + b * H : zeros.data();
+        const T* pi = CPLX ? (t ? Si + row - H : h0i ? h0i + b * H : zeros.data()) : nullptr;
+        const T *q_ = q + row, *k_ = k + row, *v_ = v + row, *ar_ = ar + row;
+        const T* ai_ = CPLX ? ai + row : nullptr;
+        T *o_ = o + row, *sr_ = Sr + row;
+        T* si_ = CPLX ? Si + row : nullptr;
+#pragma GCC ivdep
+        for (int64_t h = h_lo; h < h_hi; ++h) {
+          T sr = ar_[h] * pr[h] + k_[h] * v_[h];
+          if constexpr (CPLX) {
+            sr -= ai_[h] * pi[h];
+            si_[h] = ar_[h] * pi[h] + ai_[h] * pr[h];
+          }
+          sr_[h] = sr;
+          o_[h] = q_[h] * sr;
+        }
+      }
+    }
+  });
+}
+
+template <typename T, bool CPLX>
+void backward_loop(const T* q, const T* k, const T* v, const T* ar, const T* ai, const T* Sr,
+                   const T* Si, const T* h0r, const T* h0i, const T* dout, const T* dSr, const T* dSi,
+                   T* dq, T* dk, T* dv, T* dlr, T* dli, T* dh0r, T* dh0i, int64_t B, int64_t L,
+                   int64_t H) {
+  const std::vector<T> zeros(H, T(0)), ones(H, T(1));
+  at::parallel_for(0, B * H, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<T> rr(end - begin), ri(end - begin);  // r_t of this task's channels, carried backwards
+    for (int64_t b = begin / H; b * H < end; ++b) {
+      const int64_t h_lo = std::max(begin - b * H, int64_t(0)), h_hi = std::min(end - b * H, H);
+      T* r_re = rr.data() + b * H - begin;  // r of channel h at r_re[h]
+      T* r_im = ri.data() + b * H - begin;
+      for (int64_t h = h_lo; h < h_hi; ++h) {  // r starts as dL/dS_T, which a "transition" of 1 carries in
+        r_re[h] = dSr[b * H + h];
+        r_im[h] = CPLX ? dSi[b * H + h] : T(0);
+      }
+      for (int64_t t = L - 1; t >= 0; --t) {
+        const int64_t row = (b * L + t) * H;
+        const T* pr = t ? Sr + row - H : h0r ? h0r + b * H : zeros.data();
+        const T* pi = CPLX ? (t ? Si + row - H : h0i ? h0i + b * H : zeros.data()) : nullptr;
+        const T* nr = t < L - 1 ? ar + row + H : ones.data();  // a_{t+1}
+        const T* ni = CPLX ? (t < L - 1 ? ai + row + H : zeros.data()) : nullptr;
+        const T *q_ = q + row, *k_ = k + row, *v_ = v + row, *ar_ = ar + row, *sr_ = Sr + row;
+        const T* ai_ = CPLX ? ai + row : nullptr;
+        const T* do_ = dout + row;
+        T *dq_ = dq + row, *dk_ = dk + row, *dv_ = dv + row, *dlr_ = dlr + row;
+        T* dli_ = CPLX ? dli + row : nullptr;
+#pragma GCC ivdep
+        for (int64_t h = h_lo; h < h_hi; ++h) {
+          // r_t = q_t do_t + conj(a_{t+1}) r_{t+1}
+          T re = nr[h] * r_re[h] + q_[h] * do_[h], im = T(0);
+          if constexpr (CPLX) {
+            re += ni[h] * r_im[h];
+            im = nr[h] * r_im[h] - ni[h] * r_re[h];
+            r_im[h] = im;
+          }
+          r_re[h] = re;
+          dq_[h] = do_[h] * sr_[h];
+          dk_[h] = re * v_[h];
+          dv_[h] = re * k_[h];
+          // dlog_a = r conj(u), u = a_t S_{t-1}
+          if constexpr (CPLX) {
+            const T u_re = ar_[h] * pr[h] - ai_[h] * pi[h], u_im = ar_[h] * pi[h] + ai_[h] * pr[h];
+            dlr_[h] = re * u_re + im * u_im;
+            dli_[h] = im * u_re - re * u_im;
+          } else {
+            dlr_[h] = re * ar_[h] * pr[h];
+          }
+        }
+      }
+      if (dh0r) {  // dS0 = conj(a_0) r_0
+        for (int64_t h = h_lo; h < h_hi; ++h) {
+          const int64_t j = b * L * H + h;
+          dh0r[b * H + h] = ar[j] * r_re[h] + (CPLX ? ai[j] * r_im[h] : T(0));
+          if (CPLX) dh0i[b * H + h] = ar[j] * r_im[h] - ai[j] * r_re[h];
+        }
+      }
+    }
+  });
+}
+
+// forward(q, k, v, ar, ai?, h0r?, h0i?) -> [o, Sr, Si?]
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& ar, const c10::optional<at::Tensor>& ai,
+                                const c10::optional<at::Tensor>& h0r,
+                                const c10::optional<at::Tensor>& h0i) {
+  const int64_t B = q.size(0), L = q.size(1), H = q.size(2);
+  auto o = at::empty_like(q), Sr = at::empty_like(q);
+  at::Tensor Si = ai.has_value() ? at::empty_like(q) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "max_headed_scan_forward", [&] {
+    auto run = ai.has_value() ? forward_loop<scalar_t, true> : forward_loop<scalar_t, false>;
+    run(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), ar.data_ptr<scalar_t>(),
+        ptr_or_null<scalar_t>(ai), ptr_or_null<scalar_t>(h0r), ptr_or_null<scalar_t>(h0i),
+        o.data_ptr<scalar_t>(), Sr.data_ptr<scalar_t>(), Si.defined() ? Si.data_ptr<scalar_t>() : nullptr,
+        B, L, H);
+  });
+  if (Si.defined()) return {o, Sr, Si};
+  return {o, Sr};
+}
+
+// backward(q, k, v, ar, ai?, Sr, Si?, h0r?, h0i?, do, dSr, dSi?) -> [dq, dk, dv, dlr, dli?, dh0r?, dh0i?]
+std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& ar, const c10::optional<at::Tensor>& ai,
+                                 const at::Tensor& Sr, const c10::optional<at::Tensor>& Si,
+                                 const c10::optional<at::Tensor>& h0r,
+                                 const c10::optional<at::Tensor>& h0i, const at::Tensor& dout,
+                                 const at::Tensor& dSr, const c10::optional<at::Tensor>& dSi) {
+  const int64_t B = q.size(0), L = q.size(1), H = q.size(2);
+  const bool cplx = ai.has_value();
+  auto dq = at::empty_like(q), dk = at::empty_like(q), dv = at::empty_like(q), dlr = at::empty_like(q);
+  at::Tensor dli = cplx ? at::empty_like(q) : at::Tensor();
+  at::Tensor dh0r = h0r.has_value() ? at::empty_like(*h0r) : at::Tensor();
+  at::Tensor dh0i = h0r.has_value() && cplx ? at::empty_like(*h0r) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "max_headed_scan_backward", [&] {
+    auto p = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+    auto run = cplx ? backward_loop<scalar_t, true> : backward_loop<scalar_t, false>;
+    run(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), ar.data_ptr<scalar_t>(),
+        ptr_or_null<scalar_t>(ai), Sr.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(Si),
+        ptr_or_null<scalar_t>(h0r), ptr_or_null<scalar_t>(h0i), dout.data_ptr<scalar_t>(),
+        dSr.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(dSi), p(dq), p(dk), p(dv), p(dlr), p(dli),
+        p(dh0r), p(dh0i), B, L, H);
+  });
+  std::vector<at::Tensor> out = {dq, dk, dv, dlr};
+  if (cplx) out.push_back(dli);
+  if (dh0r.defined()) out.push_back(dh0r);
+  if (dh0i.defined()) out.push_back(dh0i);
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "max-headed GateLoop scan, forward");
+  m.def("backward", &backward, "max-headed GateLoop scan, backward");
+}

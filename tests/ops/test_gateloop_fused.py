@@ -1,0 +1,157 @@
+"""The fused C++ kernel of the max-headed scan (ops/fused.py) against gateloop_recurrent and against
+the PyTorch path it replaces (_GateLoopScan): outputs, final states and every gradient; long float32
+sequences; channels split across threads; the switch and the fallback when it cannot be built."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+from conftest import assert_close_rms
+
+from gateloop.ops import fused, gateloop_recurrent, gateloop_scan
+from gateloop.ops.gateloop import _GateLoopScan
+
+needs_kernel = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernel")
+
+
+def inputs(B, T, H, *, complex_, init, dtype=torch.float64, seed=0):
+    """q, k, v, log_a [B, T, H, 1] (decays in [e^-0.5, 1], phases in +-pi) and S0 [B, H, 1, 1] or None."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, T, H, 1, generator=g, dtype=dtype) for _ in range(3))
+    log_a = -0.5 * torch.rand(B, T, H, 1, generator=g, dtype=dtype)
+    S0 = torch.randn(B, H, 1, 1, generator=g, dtype=dtype) if init else None
+    if complex_:
+        log_a = torch.complex(log_a, math.pi * (2 * torch.rand(B, T, H, 1, generator=g, dtype=dtype) - 1))
+        S0 = None if S0 is None else torch.complex(S0, torch.randn(B, H, 1, 1, generator=g, dtype=dtype))
+    return [q, k, v, log_a], S0
+
+
+def outputs_and_grads(fn, args, S0):
+    """(o, S_T, gradients of q, k, v, log_a[, S0]) for a fixed random functional of o and S_T."""
+    leaves = [x.detach().clone().requires_grad_() for x in args]
+    S0 = None if S0 is None else S0.detach().clone().requires_grad_()
+    o, S_T = fn(*leaves, S0)
+    g = torch.Generator().manual_seed(1)
+    S_real = torch.view_as_real(S_T) if S_T.is_complex() else S_T
+    w_o, w_S = (torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype) for x in (o, S_real))
+    loss = (o * w_o).sum() + (S_real * w_S).sum()
+    grads = torch.autograd.grad(loss, leaves + ([S0] if S0 is not None else []), materialize_grads=True,
+                                allow_unused=True)
+    return [o.detach(), S_T.detach(), *grads]
+
+
+def cast(x, dtype):
+    """x in dtype, or in its complex counterpart for a complex x; None stays None."""
+    if x is None or not x.is_complex():
+        return None if x is None else x.to(dtype)
+    return x.to(torch.complex64 if dtype == torch.float32 else torch.complex128)
+
+
+def recurrent(q, k, v, log_a, S0):
+    return gateloop_recurrent(q, k, v, log_a, initial_state=S0, output_final_state=True)
+
+
+def fused_scan(q, k, v, log_a, S0):
+    return fused.MaxHeadedScan.apply(q, k, v, log_a, S0)
+
+
+@needs_kernel
+def test_the_kernel_builds_here():
+    assert fused.fused_scan_available(torch.zeros(1)), "the fused kernel did not build on this machine"
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("init", [False, True], ids=["zero-state", "initial-state"])
+@pytest.mark.parametrize("complex_", [True, False], ids=["complex", "real"])
+@pytest.mark.parametrize("T", [1, 7, 65, 1000])
+def test_fused_matches_recurrent(T, complex_, init, dtype):
+    args, S0 = inputs(2, T, 6, complex_=complex_, init=init)
+    expected = outputs_and_grads(recurrent, args, S0)
+    actual = outputs_and_grads(fused_scan, [cast(x, dtype) for x in args], cast(S0, dtype))
+    names = ["o", "S_T", "dq", "dk", "dv", "dlog_a", "dS0"]
+    assert len(actual) == len(expected) == 6 + init
+    for name, a, e in zip(names, actual, expected):
+        assert_close_rms(a, e, dtype, what=f"T={T} {name}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("complex_", [True, False], ids=["complex", "real"])
+def test_fused_equals_the_pytorch_path_on_a_long_sequence(complex_):
+    args, S0 = inputs(2, 4097, 8, complex_=complex_, init=True)
+    actual = outputs_and_grads(fused_scan, args, S0)
+    expected = outputs_and_grads(_GateLoopScan.apply, args, S0)
+    for j, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        assert_close_rms(a, e, torch.float64, what=f"output, state or gradient {j}")
+
+
+@needs_kernel
+def test_float32_stays_accurate_at_16384_steps():
+    """MODELS.md's stress case: decays down to 1e-3 and phases up to +-pi per step, in float32."""
+    g = torch.Generator().manual_seed(0)
+    B, T, H = 1, 16384, 8
+    q, k, v = (torch.randn(B, T, H, 1, generator=g, dtype=torch.float64) for _ in range(3))
+    near_one, down_to_small = (scale * torch.rand(B, T, H, 1, generator=g, dtype=torch.float64)
+                               for scale in (-1e-3, math.log(1e-3)))
+    log_mag = torch.where(torch.arange(H)[:, None] < H // 2, near_one, down_to_small)
+    log_a = torch.complex(log_mag, math.pi * (2 * torch.rand(B, T, H, 1, generator=g, dtype=torch.float64) - 1))
+    o_ref, S_ref = gateloop_recurrent(q, k, v, log_a, output_final_state=True)
+    o, S = fused_scan(q.float(), k.float(), v.float(), log_a.to(torch.complex64), None)
+    assert_close_rms(o, o_ref, tol=1e-3, what="output")
+    assert_close_rms(S, S_ref, tol=1e-3, what="final state")
+
+
+@needs_kernel
+def test_channels_split_across_threads_give_the_same_bits():
+    """Tasks of 256 channels that straddle batch rows (B=3, H=300): 1 and 2 threads agree exactly."""
+    args, S0 = inputs(3, 50, 300, complex_=True, init=True, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = outputs_and_grads(fused_scan, args, S0)
+        torch.set_num_threads(2)
+        two = outputs_and_grads(fused_scan, args, S0)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+
+
+def test_gateloop_scan_takes_the_kernel_only_where_it_applies(monkeypatch):
+    """Max-headed CPU inputs go to the kernel (where it is built), unless GATELOOP_FUSED=0; head dims
+    above 1 always take the PyTorch path."""
+    calls = []
+    monkeypatch.setattr(fused.MaxHeadedScan, "apply", lambda *a: calls.append("fused") or _GateLoopScan.apply(*a))
+    (q, k, v, log_a), _ = inputs(1, 5, 3, complex_=True, init=False)
+    gateloop_scan(q, k, v, log_a)
+    expected = ["fused"] if fused.fused_scan_available(q) else []
+    assert calls == expected
+    monkeypatch.setenv("GATELOOP_FUSED", "0")
+    gateloop_scan(q, k, v, log_a)
+    monkeypatch.delenv("GATELOOP_FUSED")
+    wide = torch.randn(1, 5, 3, 2, dtype=torch.float64)
+    gateloop_scan(wide, wide, wide, log_a)
+    assert calls == expected  # neither call went to the kernel
+
+
+def test_a_kernel_that_cannot_build_falls_back_with_one_warning(monkeypatch, tmp_path):
+    import torch.utils.cpp_extension as cpp
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: c++ not found\nmore lines")
+
+    monkeypatch.setattr(cpp, "load", no_compiler)
+    monkeypatch.setenv("GATELOOP_CACHE", str(tmp_path))
+    fused._kernel.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"could not be built \(Error building extension: c\+\+ not found\)"):
+            assert not fused.fused_scan_available(torch.zeros(1))
+        (q, k, v, log_a), S0 = inputs(1, 9, 3, complex_=True, init=True)
+        o, S = gateloop_scan(q, k, v, log_a, initial_state=S0, output_final_state=True)
+        o_ref, S_ref = gateloop_recurrent(q, k, v, log_a, initial_state=S0, output_final_state=True)
+        assert_close_rms(o, o_ref, torch.float64)
+        assert_close_rms(S, S_ref, torch.float64)
+    finally:
+        fused._kernel.cache_clear()  # the next caller builds (or loads) the real kernel again
