@@ -56,8 +56,9 @@ def _kernel():
         return None
 
 
+@torch.compiler.disable  # under torch.compile, decide eagerly (Dynamo cannot trace the build)
 def fused_scan_available(x: Tensor) -> bool:
-    """Whether max_headed_scan can run on x's device (CPU, kernel built, not switched off)."""
+    """Whether MaxHeadedScan can run on x's device (CPU, kernel built, not switched off)."""
     return x.device.type == "cpu" and os.environ.get("GATELOOP_FUSED", "1") != "0" and _kernel() is not None
 
 
