@@ -25,8 +25,6 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).parent / "csrc" / "max_headed_scan.cpp"
-
-
 NAME = "gateloop_max_headed_scan"
 
 
@@ -90,7 +88,7 @@ class MaxHeadedScan(torch.autograd.Function):
         Si = Si[0] if Si else None
         ctx.save_for_backward(q, k, v, ar, ai, Sr, Si, h0r, h0i)
         ctx.complex = log_a.is_complex()
-        S_T = Sr[:, -1] if Si is None else torch.complex(Sr[:, -1], Si[:, -1])
+        S_T = Sr[:, -1].clone() if Si is None else torch.complex(Sr[:, -1], Si[:, -1])  # not a view of Sr
         return o.unsqueeze(-1), S_T[..., None, None]
 
     @staticmethod

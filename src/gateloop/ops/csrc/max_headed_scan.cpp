@@ -20,6 +20,18 @@ namespace {
 
 constexpr int64_t kGrain = 256;  // channels per parallel task
 
+// The loops index raw memory: every plane must be a contiguous CPU tensor of q's dtype and shape.
+void check(const at::Tensor& t, const at::Tensor& like, at::IntArrayRef shape, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == like.scalar_type() &&
+                  t.sizes() == shape,
+              "max_headed_scan: ", name, " must be a contiguous CPU tensor of shape ", shape, " and dtype ",
+              like.scalar_type(), "; got ", t.sizes(), " ", t.scalar_type());
+}
+
+void check(const c10::optional<at::Tensor>& t, const at::Tensor& like, at::IntArrayRef shape, const char* name) {
+  if (t.has_value()) check(*t, like, shape, name);
+}
+
 template <typename T>
 const T* ptr_or_null(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
@@ -123,7 +135,12 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const at::Tensor& ar, const c10::optional<at::Tensor>& ai,
                                 const c10::optional<at::Tensor>& h0r,
                                 const c10::optional<at::Tensor>& h0i) {
+  TORCH_CHECK(q.dim() == 3, "max_headed_scan: q must be [B, T, H]");
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2);
+  for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&ar, "ar"}}) check(*t, q, q.sizes(), name);
+  check(ai, q, q.sizes(), "ai");
+  check(h0r, q, {B, H}, "h0r");
+  check(h0i, q, {B, H}, "h0i");
   auto o = at::empty_like(q), Sr = at::empty_like(q);
   at::Tensor Si = ai.has_value() ? at::empty_like(q) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "max_headed_scan_forward", [&] {
@@ -144,7 +161,18 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
                                  const c10::optional<at::Tensor>& h0r,
                                  const c10::optional<at::Tensor>& h0i, const at::Tensor& dout,
                                  const at::Tensor& dSr, const c10::optional<at::Tensor>& dSi) {
+  TORCH_CHECK(q.dim() == 3, "max_headed_scan: q must be [B, T, H]");
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2);
+  for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&ar, "ar"}, {&Sr, "Sr"}, {&dout, "do"}})
+    check(*t, q, q.sizes(), name);
+  check(ai, q, q.sizes(), "ai");
+  check(Si, q, q.sizes(), "Si");
+  check(h0r, q, {B, H}, "h0r");
+  check(h0i, q, {B, H}, "h0i");
+  check(dSr, q, {B, H}, "dSr");
+  check(dSi, q, {B, H}, "dSi");
+  TORCH_CHECK(ai.has_value() == Si.has_value() && (!ai.has_value() || dSi.has_value()),
+              "max_headed_scan: ai, Si and dSi come together (a complex decay)");
   const bool cplx = ai.has_value();
   auto dq = at::empty_like(q), dk = at::empty_like(q), dv = at::empty_like(q), dlr = at::empty_like(q);
   at::Tensor dli = cplx ? at::empty_like(q) : at::Tensor();
