@@ -78,9 +78,9 @@ class MaxHeadedScan(torch.autograd.Function):
     def forward(ctx, q, k, v, log_a, S0):
         q, k, v = (x[..., 0].contiguous() for x in (q, k, v))
         log_a = log_a[..., 0]
-        if log_a.is_complex():
+        if log_a.is_complex():  # in place where possible: fresh pages cost more than the arithmetic
             mag = torch.exp(log_a.real)
-            ar, ai = mag * torch.cos(log_a.imag), mag * torch.sin(log_a.imag)
+            ar, ai = torch.cos(log_a.imag).mul_(mag), torch.sin(log_a.imag).mul_(mag)
         else:
             ar, ai = torch.exp(log_a).contiguous(), None
         h0r, h0i = _planes(None if S0 is None else S0[..., 0, 0])
