@@ -1,6 +1,7 @@
-"""The fused C++ kernel of the max-headed scan (ops/fused.py) against gateloop_recurrent and against
-the PyTorch path it replaces (_GateLoopScan): outputs, final states and every gradient; long float32
-sequences; channels split across threads; the switch and the fallback when it cannot be built."""
+"""The fused C++ scan kernels (ops/fused.py) against gateloop_recurrent and against the PyTorch path
+they replace (_GateLoopScan): outputs, final states and every gradient, max-headed and with [K, V]
+states, one decay per key channel or per head; long float32 sequences; work split across threads;
+the switch and the fallback when they cannot be built."""
 
 from __future__ import annotations
 
@@ -17,16 +18,22 @@ from gateloop.ops.gateloop import _GateLoopScan
 needs_kernel = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernel")
 
 
-def inputs(B, T, H, *, complex_, init, dtype=torch.float64, seed=0):
-    """q, k, v, log_a [B, T, H, 1] (decays in [e^-0.5, 1], phases in +-pi) and S0 [B, H, 1, 1] or None."""
+def inputs(B, T, H, *, complex_, init, K=1, V=1, Kd=1, dtype=torch.float64, seed=0):
+    """q, k [B, T, H, K], v [B, T, H, V], log_a [B, T, H, Kd] (decays in [e^-0.5, 1], phases in
+    +-pi) and S0 [B, H, K, V] or None."""
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, T, H, 1, generator=g, dtype=dtype) for _ in range(3))
-    log_a = -0.5 * torch.rand(B, T, H, 1, generator=g, dtype=dtype)
-    S0 = torch.randn(B, H, 1, 1, generator=g, dtype=dtype) if init else None
+    q, k = (torch.randn(B, T, H, K, generator=g, dtype=dtype) for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=g, dtype=dtype)
+    log_a = -0.5 * torch.rand(B, T, H, Kd, generator=g, dtype=dtype)
+    S0 = torch.randn(B, H, K, V, generator=g, dtype=dtype) if init else None
     if complex_:
-        log_a = torch.complex(log_a, math.pi * (2 * torch.rand(B, T, H, 1, generator=g, dtype=dtype) - 1))
-        S0 = None if S0 is None else torch.complex(S0, torch.randn(B, H, 1, 1, generator=g, dtype=dtype))
+        log_a = torch.complex(log_a, math.pi * (2 * torch.rand(B, T, H, Kd, generator=g, dtype=dtype) - 1))
+        S0 = None if S0 is None else torch.complex(S0, torch.randn(B, H, K, V, generator=g, dtype=dtype))
     return [q, k, v, log_a], S0
+
+
+SHAPES = {"max-headed": dict(K=1, V=1, Kd=1), "decay-per-channel": dict(K=5, V=3, Kd=5),
+          "decay-per-head": dict(K=4, V=6, Kd=1), "K=1,V=4": dict(K=1, V=4, Kd=1)}
 
 
 def outputs_and_grads(fn, args, S0):
@@ -55,7 +62,7 @@ def recurrent(q, k, v, log_a, S0):
 
 
 def fused_scan(q, k, v, log_a, S0):
-    return fused.MaxHeadedScan.apply(q, k, v, log_a, S0)
+    return fused.FusedScan.apply(q, k, v, log_a, S0)
 
 
 @needs_kernel
@@ -68,8 +75,9 @@ def test_the_kernel_builds_here():
 @pytest.mark.parametrize("init", [False, True], ids=["zero-state", "initial-state"])
 @pytest.mark.parametrize("complex_", [True, False], ids=["complex", "real"])
 @pytest.mark.parametrize("T", [1, 7, 65, 1000])
-def test_fused_matches_recurrent(T, complex_, init, dtype):
-    args, S0 = inputs(2, T, 6, complex_=complex_, init=init)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_fused_matches_recurrent(shape, T, complex_, init, dtype):
+    args, S0 = inputs(2, T, 3 if shape != "max-headed" else 6, complex_=complex_, init=init, **SHAPES[shape])
     expected = outputs_and_grads(recurrent, args, S0)
     actual = outputs_and_grads(fused_scan, [cast(x, dtype) for x in args], cast(S0, dtype))
     names = ["o", "S_T", "dq", "dk", "dv", "dlog_a", "dS0"]
@@ -80,8 +88,9 @@ def test_fused_matches_recurrent(T, complex_, init, dtype):
 
 @needs_kernel
 @pytest.mark.parametrize("complex_", [True, False], ids=["complex", "real"])
-def test_fused_equals_the_pytorch_path_on_a_long_sequence(complex_):
-    args, S0 = inputs(2, 4097, 8, complex_=complex_, init=True)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_fused_equals_the_pytorch_path_on_a_long_sequence(shape, complex_):
+    args, S0 = inputs(2, 4097, 4, complex_=complex_, init=True, **SHAPES[shape])
     actual = outputs_and_grads(fused_scan, args, S0)
     expected = outputs_and_grads(_GateLoopScan.apply, args, S0)
     for j, (a, e) in enumerate(zip(actual, expected, strict=True)):
@@ -89,15 +98,17 @@ def test_fused_equals_the_pytorch_path_on_a_long_sequence(complex_):
 
 
 @needs_kernel
-def test_float32_stays_accurate_at_16384_steps():
+@pytest.mark.parametrize("K", [1, 4])
+def test_float32_stays_accurate_at_16384_steps(K):
     """MODELS.md's stress case: decays down to 1e-3 and phases up to +-pi per step, in float32."""
     g = torch.Generator().manual_seed(0)
-    B, T, H = 1, 16384, 8
-    q, k, v = (torch.randn(B, T, H, 1, generator=g, dtype=torch.float64) for _ in range(3))
-    near_one, down_to_small = (scale * torch.rand(B, T, H, 1, generator=g, dtype=torch.float64)
+    B, T, H = 1, 16384, 8 // K
+    q, k, v = (torch.randn(B, T, H, K, generator=g, dtype=torch.float64) for _ in range(3))
+    near_one, down_to_small = (scale * torch.rand(B, T, H, K, generator=g, dtype=torch.float64)
                                for scale in (-1e-3, math.log(1e-3)))
-    log_mag = torch.where(torch.arange(H)[:, None] < H // 2, near_one, down_to_small)
-    log_a = torch.complex(log_mag, math.pi * (2 * torch.rand(B, T, H, 1, generator=g, dtype=torch.float64) - 1))
+    log_mag = torch.where(torch.arange(K) < K // 2 if K > 1 else torch.arange(H)[:, None] < H // 2,
+                          near_one, down_to_small)
+    log_a = torch.complex(log_mag, math.pi * (2 * torch.rand(B, T, H, K, generator=g, dtype=torch.float64) - 1))
     o_ref, S_ref = gateloop_recurrent(q, k, v, log_a, output_final_state=True)
     o, S = fused_scan(q.float(), k.float(), v.float(), log_a.to(torch.complex64), None)
     assert_close_rms(o, o_ref, tol=1e-3, what="output")
@@ -105,9 +116,12 @@ def test_float32_stays_accurate_at_16384_steps():
 
 
 @needs_kernel
-def test_channels_split_across_threads_give_the_same_bits():
-    """Tasks of 256 channels that straddle batch rows (B=3, H=300): 1 and 2 threads agree exactly."""
-    args, S0 = inputs(3, 50, 300, complex_=True, init=True, dtype=torch.float32)
+@pytest.mark.parametrize("shape", ["max-headed", "decay-per-channel"])
+def test_work_split_across_threads_gives_the_same_bits(shape):
+    """Max-headed: tasks of 256 channels that straddle batch rows (B=3, H=300); heads: (b, h) pairs.
+    1 and 2 threads agree exactly."""
+    H = 300 if shape == "max-headed" else 5
+    args, S0 = inputs(3, 50, H, complex_=True, init=True, dtype=torch.float32, **SHAPES[shape])
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -119,21 +133,19 @@ def test_channels_split_across_threads_give_the_same_bits():
     assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
 
 
-def test_gateloop_scan_takes_the_kernel_only_where_it_applies(monkeypatch):
-    """Max-headed CPU inputs go to the kernel (where it is built), unless GATELOOP_FUSED=0; head dims
-    above 1 always take the PyTorch path."""
+def test_gateloop_scan_takes_the_kernels_unless_switched_off(monkeypatch):
+    """CPU inputs of every head size go to the kernels (where they are built), unless GATELOOP_FUSED=0."""
     calls = []
-    monkeypatch.setattr(fused.MaxHeadedScan, "apply", lambda *a: calls.append("fused") or _GateLoopScan.apply(*a))
+    monkeypatch.setattr(fused.FusedScan, "apply", lambda *a: calls.append("fused") or _GateLoopScan.apply(*a))
     (q, k, v, log_a), _ = inputs(1, 5, 3, complex_=True, init=False)
+    wide, _ = inputs(1, 5, 3, complex_=True, init=False, **SHAPES["decay-per-head"])
     gateloop_scan(q, k, v, log_a)
-    expected = ["fused"] if fused.fused_scan_available(q) else []
+    gateloop_scan(*wide)
+    expected = ["fused"] * 2 if fused.fused_scan_available(q) else []
     assert calls == expected
     monkeypatch.setenv("GATELOOP_FUSED", "0")
     gateloop_scan(q, k, v, log_a)
-    monkeypatch.delenv("GATELOOP_FUSED")
-    wide = torch.randn(1, 5, 3, 2, dtype=torch.float64)
-    gateloop_scan(wide, wide, wide, log_a)
-    assert calls == expected  # neither call went to the kernel
+    assert calls == expected  # switched off: the PyTorch path
 
 
 def test_a_kernel_that_cannot_build_falls_back_with_one_warning(monkeypatch, tmp_path):

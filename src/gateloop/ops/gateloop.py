@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fused import MaxHeadedScan, fused_scan_available
+from .fused import FusedScan, fused_scan_available
 from .scan import linear_recurrence, scan_blocked
 
 Result = tuple[Tensor, Tensor | None]
@@ -190,13 +190,12 @@ def gateloop_scan(q, k, v, log_a, *, initial_state=None, output_final_state=Fals
     The paper states it as a log-depth associative scan (linear_recurrence_scan, O(T log T) work);
     this runs the same recurrence as a blocked scan with O(T) work (scan.scan_blocked) inside one
     autograd Function with a hand-written backward (_GateLoopScan): on CPU several times faster. It
-    is the fast path for the max-headed layer (K = V = 1), where every product is elementwise; there,
-    on CPU, a fused C++ kernel (ops/fused.py) replaces it where it can be built.
+    is the fast path for the max-headed layer (K = V = 1), where every product is elementwise. On CPU
+    fused C++ kernels (ops/fused.py) replace it, for every head size, where they can be built.
     """
     dtype = v.dtype
     q, k, v, log_a, S0 = _prepare(q, k, v, log_a, initial_state)
-    max_headed = q.shape[-1] == v.shape[-1] == log_a.shape[-1] == 1
-    scan = MaxHeadedScan if max_headed and fused_scan_available(q) else _GateLoopScan
+    scan = FusedScan if fused_scan_available(q) else _GateLoopScan
     o, S_T = scan.apply(q, k, v, log_a, S0)
     return o.to(dtype), (S_T if output_final_state else None)
 
