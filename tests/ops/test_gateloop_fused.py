@@ -62,7 +62,7 @@ def recurrent(q, k, v, log_a, S0):
 
 
 def fused_scan(q, k, v, log_a, S0):
-    return fused.FusedScan.apply(q, k, v, log_a, S0)
+    return fused.FusedScan.apply(True, q, k, v, log_a, S0)
 
 
 @needs_kernel
@@ -133,10 +133,22 @@ def test_work_split_across_threads_gives_the_same_bits(shape):
     assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
 
 
+@needs_kernel
+@pytest.mark.parametrize("T", [1, 2, 7])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_without_gradients_two_state_rows_give_the_same_result(shape, T):
+    """Under no_grad, gateloop_scan asks the kernel to keep two alternating state rows, not T."""
+    args, S0 = inputs(2, T, 3, complex_=True, init=True, **SHAPES[shape])
+    o_all, S_all = fused_scan(*args, S0)
+    with torch.no_grad():
+        o, S = gateloop_scan(*args, initial_state=S0, output_final_state=True)
+    assert torch.equal(o, o_all) and torch.equal(S, S_all)
+
+
 def test_gateloop_scan_takes_the_kernels_unless_switched_off(monkeypatch):
     """CPU inputs of every head size go to the kernels (where they are built), unless GATELOOP_FUSED=0."""
     calls = []
-    monkeypatch.setattr(fused.FusedScan, "apply", lambda *a: calls.append("fused") or _GateLoopScan.apply(*a))
+    monkeypatch.setattr(fused.FusedScan, "apply", lambda keep, *a: calls.append("fused") or _GateLoopScan.apply(*a))
     (q, k, v, log_a), _ = inputs(1, 5, 3, complex_=True, init=False)
     wide, _ = inputs(1, 5, 3, complex_=True, init=False, **SHAPES["decay-per-head"])
     gateloop_scan(q, k, v, log_a)

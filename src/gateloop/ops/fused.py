@@ -88,7 +88,9 @@ class FusedScan(torch.autograd.Function):
     with a [K, V] state per head, vectorised over V."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_a, S0):
+    def forward(ctx, keep_states, q, k, v, log_a, S0):
+        """keep_states=False (no gradient will be asked for): the [K, V] kernel keeps two state rows
+        instead of T, which at T = 1024, H = 8, K = V = 64 saves 268 MB of fresh memory."""
         flat = q.shape[-1] == v.shape[-1] == log_a.shape[-1] == 1
         if flat:  # [B, T, H] planes
             q, k, v, log_a = q[..., 0], k[..., 0], v[..., 0], log_a[..., 0]
@@ -96,17 +98,23 @@ class FusedScan(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         ar, ai = _transition(log_a)
         h0r, h0i = _planes(S0)
-        kernel = _kernel().forward if flat else _kernel().head_forward
-        o, Sr, *Si = kernel(q, k, v, ar, ai, h0r, h0i)
+        if flat:
+            o, Sr, *Si = _kernel().forward(q, k, v, ar, ai, h0r, h0i)
+        else:
+            o, Sr, *Si = _kernel().head_forward(q, k, v, ar, ai, h0r, h0i, keep_states)
         Si = Si[0] if Si else None
-        ctx.save_for_backward(q, k, v, ar, ai, Sr, Si, h0r, h0i)
+        if keep_states:
+            ctx.save_for_backward(q, k, v, ar, ai, Sr, Si, h0r, h0i)
         ctx.flat, ctx.complex = flat, log_a.is_complex()
-        S_T = Sr[:, -1].clone() if Si is None else torch.complex(Sr[:, -1], Si[:, -1])  # not a view of Sr
+        last = (q.shape[1] - 1) % Sr.shape[1]  # the row of the final state
+        S_T = Sr[:, last].clone() if Si is None else torch.complex(Sr[:, last], Si[:, last])  # not a view
         return (o[..., None], S_T[..., None, None]) if flat else (o, S_T)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dS_T):
+        if not ctx.saved_tensors:
+            raise RuntimeError("FusedScan: a backward pass after a forward with keep_states=False")
         q, k, v, ar, ai, Sr, Si, h0r, h0i = ctx.saved_tensors
         if ctx.flat:
             do, dS_T = do[..., 0], dS_T[..., 0, 0]
@@ -121,4 +129,4 @@ class FusedScan(torch.autograd.Function):
         if ctx.flat:
             dq, dk, dv, dlog_a = dq[..., None], dk[..., None], dv[..., None], dlog_a[..., None]
             dS0 = None if dS0 is None else dS0[..., None, None]
-        return dq, dk, dv, dlog_a, dS0
+        return None, dq, dk, dv, dlog_a, dS0

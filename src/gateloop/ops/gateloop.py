@@ -195,8 +195,11 @@ def gateloop_scan(q, k, v, log_a, *, initial_state=None, output_final_state=Fals
     """
     dtype = v.dtype
     q, k, v, log_a, S0 = _prepare(q, k, v, log_a, initial_state)
-    scan = FusedScan if fused_scan_available(q) else _GateLoopScan
-    o, S_T = scan.apply(q, k, v, log_a, S0)
+    if fused_scan_available(q):
+        keep_states = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, log_a, S0))
+        o, S_T = FusedScan.apply(keep_states, q, k, v, log_a, S0)
+    else:
+        o, S_T = _GateLoopScan.apply(q, k, v, log_a, S0)
     return o.to(dtype), (S_T if output_final_state else None)
 
 

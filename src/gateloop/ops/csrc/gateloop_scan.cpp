@@ -138,14 +138,16 @@ void backward_loop(const T* q, const T* k, const T* v, const T* ar, const T* ai,
 template <typename T, bool CPLX>
 void head_forward_loop(const T* q, const T* k, const T* v, const T* ar, const T* ai, const T* h0r,
                        const T* h0i, T* o, T* Sr, T* Si, int64_t B, int64_t L, int64_t H, int64_t K,
-                       int64_t V, int64_t Kd) {
+                       int64_t V, int64_t Kd, int64_t Ls) {
   const std::vector<T> zeros(K * V, T(0));
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       for (int64_t t = 0; t < L; ++t) {
         const int64_t row = (b * L + t) * H + h;  // (b, t, h)
-        const int64_t state = row * K * V, prev = state - H * K * V;
+        // States live at step t % Ls: every step (Ls = L, for the backward) or two alternating rows.
+        const int64_t state = ((b * Ls + t % Ls) * H + h) * K * V;
+        const int64_t prev = ((b * Ls + (t + Ls - 1) % Ls) * H + h) * K * V;
         const T* pr = t ? Sr + prev : h0r ? h0r + bh * K * V : zeros.data();
         const T* pi = CPLX ? (t ? Si + prev : h0i ? h0i + bh * K * V : zeros.data()) : nullptr;
         const T *q_ = q + row * K, *k_ = k + row * K, *v_ = v + row * V;
@@ -316,12 +318,13 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   return out;
 }
 
-// head_forward(q, k, v, ar, ai?, h0r?, h0i?) with q, k [B, T, H, K], v [B, T, H, V], a [B, T, H, Kd],
-// h0 [B, H, K, V] -> [o [B, T, H, V], Sr [B, T, H, K, V], Si?]
+// head_forward(q, k, v, ar, ai?, h0r?, h0i?, keep_states) with q, k [B, T, H, K], v [B, T, H, V],
+// a [B, T, H, Kd], h0 [B, H, K, V] -> [o [B, T, H, V], Sr [B, T or 2, H, K, V], Si?]: every state
+// (for the backward) or, without keep_states, two alternating rows (the last state at (T - 1) % 2).
 std::vector<at::Tensor> head_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const at::Tensor& ar, const c10::optional<at::Tensor>& ai,
                                      const c10::optional<at::Tensor>& h0r,
-                                     const c10::optional<at::Tensor>& h0i) {
+                                     const c10::optional<at::Tensor>& h0i, bool keep_states) {
   TORCH_CHECK(q.dim() == 4 && v.dim() == 4 && ar.dim() == 4, "head_scan: q, v and a must be 4-d");
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2), K = q.size(3), V = v.size(3), Kd = ar.size(3);
   TORCH_CHECK(Kd == 1 || Kd == K, "head_scan: one decay per head or per key channel");
@@ -332,14 +335,15 @@ std::vector<at::Tensor> head_forward(const at::Tensor& q, const at::Tensor& k, c
   check(ai, q, {B, L, H, Kd}, "ai");
   check(h0r, q, {B, H, K, V}, "h0r");
   check(h0i, q, {B, H, K, V}, "h0i");
-  auto o = at::empty({B, L, H, V}, q.options()), Sr = at::empty({B, L, H, K, V}, q.options());
+  const int64_t Ls = keep_states ? L : 2;
+  auto o = at::empty({B, L, H, V}, q.options()), Sr = at::empty({B, Ls, H, K, V}, q.options());
   at::Tensor Si = ai.has_value() ? at::empty_like(Sr) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "head_scan_forward", [&] {
     auto run = ai.has_value() ? head_forward_loop<scalar_t, true> : head_forward_loop<scalar_t, false>;
     run(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), ar.data_ptr<scalar_t>(),
         ptr_or_null<scalar_t>(ai), ptr_or_null<scalar_t>(h0r), ptr_or_null<scalar_t>(h0i),
         o.data_ptr<scalar_t>(), Sr.data_ptr<scalar_t>(), Si.defined() ? Si.data_ptr<scalar_t>() : nullptr,
-        B, L, H, K, V, Kd);
+        B, L, H, K, V, Kd, Ls);
   });
   if (Si.defined()) return {o, Sr, Si};
   return {o, Sr};
