@@ -38,7 +38,9 @@ class GateLoop(nn.Module):
       mode: which op computes the sequence: "chunk", "scan", "attention", "recurrent"; all four
         give the same outputs, states and gradients. None (default) picks "chunk" when head_dim > 1
         and "scan" for the max-headed layer: with K = V = 1 the chunk form's C x C matrices are
-        outer products of scalars, pure overhead (benchmarks/bench_modes.py shows the figures).
+        outer products of scalars, pure overhead (benchmarks/bench_modes.py shows the figures). On
+        CPU, with a decay per key channel, "scan" (fused kernels, ops/fused.py) trains about 2x
+        faster than "chunk" (docs/performance.md).
       output_gate / norm: the silu output gate and the RMSNorm of y. The norm is per head (over V
         channels, weight shared by the heads) when head_dim > 1; with head_dim = 1 a per-head norm
         would reduce y to its sign, so it then normalises all d_model channels together.
