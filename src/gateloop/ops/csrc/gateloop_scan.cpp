@@ -43,19 +43,21 @@ const T* ptr_or_null(const c10::optional<at::Tensor>& t) {
 // or next transition points at a row of zeros or ones) so that the compiler vectorises them.
 template <typename T, bool CPLX>
 void forward_loop(const T* q, const T* k, const T* v, const T* ar, const T* ai, const T* h0r,
-                  const T* h0i, T* o, T* Sr, T* Si, int64_t B, int64_t L, int64_t H) {
+                  const T* h0i, T* o, T* Sr, T* Si, int64_t B, int64_t L, int64_t H, int64_t Ls) {
   const std::vector<T> zeros(H, T(0));
   at::parallel_for(0, B * H, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin / H; b * H < end; ++b) {
       const int64_t h_lo = std::max(begin - b * H, int64_t(0)), h_hi = std::min(end - b * H, H);
       for (int64_t t = 0; t < L; ++t) {
         const int64_t row = (b * L + t) * H;
-        const T* pr = t ? Sr + row - H : h0r ? h0r + b * H : zeros.data();
-        const T* pi = CPLX ? (t ? Si + row - H : h0i ? h0i + b * H : zeros.data()) : nullptr;
+        // States live at step t % Ls: every step (Ls = L, for the backward) or two alternating rows.
+        const int64_t state = (b * Ls + t % Ls) * H, prev = (b * Ls + (t + Ls - 1) % Ls) * H;
+        const T* pr = t ? Sr + prev : h0r ? h0r + b * H : zeros.data();
+        const T* pi = CPLX ? (t ? Si + prev : h0i ? h0i + b * H : zeros.data()) : nullptr;
         const T *q_ = q + row, *k_ = k + row, *v_ = v + row, *ar_ = ar + row;
         const T* ai_ = CPLX ? ai + row : nullptr;
-        T *o_ = o + row, *sr_ = Sr + row;
-        T* si_ = CPLX ? Si + row : nullptr;
+        T *o_ = o + row, *sr_ = Sr + state;
+        T* si_ = CPLX ? Si + state : nullptr;
 #pragma GCC ivdep
         for (int64_t h = h_lo; h < h_hi; ++h) {
           T sr = ar_[h] * pr[h] + k_[h] * v_[h];
@@ -254,25 +256,27 @@ void head_backward_loop(const T* q, const T* k, const T* v, const T* ar, const T
   });
 }
 
-// forward(q, k, v, ar, ai?, h0r?, h0i?), all [B, T, H] (h0 [B, H]) -> [o, Sr, Si?]
+// forward(q, k, v, ar, ai?, h0r?, h0i?, keep_states), all [B, T, H] (h0 [B, H]) -> [o, Sr, Si?] with
+// the states [B, T or 2, H]: every one (for the backward) or two alternating rows (as head_forward).
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& ar, const c10::optional<at::Tensor>& ai,
                                 const c10::optional<at::Tensor>& h0r,
-                                const c10::optional<at::Tensor>& h0i) {
+                                const c10::optional<at::Tensor>& h0i, bool keep_states) {
   TORCH_CHECK(q.dim() == 3, "scan kernel: q must be [B, T, H]");
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2);
   for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&ar, "ar"}}) check(*t, q, q.sizes(), name);
   check(ai, q, q.sizes(), "ai");
   check(h0r, q, {B, H}, "h0r");
   check(h0i, q, {B, H}, "h0i");
-  auto o = at::empty_like(q), Sr = at::empty_like(q);
-  at::Tensor Si = ai.has_value() ? at::empty_like(q) : at::Tensor();
+  const int64_t Ls = keep_states ? L : 2;
+  auto o = at::empty_like(q), Sr = at::empty({B, Ls, H}, q.options());
+  at::Tensor Si = ai.has_value() ? at::empty_like(Sr) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "max_headed_scan_forward", [&] {
     auto run = ai.has_value() ? forward_loop<scalar_t, true> : forward_loop<scalar_t, false>;
     run(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), ar.data_ptr<scalar_t>(),
         ptr_or_null<scalar_t>(ai), ptr_or_null<scalar_t>(h0r), ptr_or_null<scalar_t>(h0i),
         o.data_ptr<scalar_t>(), Sr.data_ptr<scalar_t>(), Si.defined() ? Si.data_ptr<scalar_t>() : nullptr,
-        B, L, H);
+        B, L, H, Ls);
   });
   if (Si.defined()) return {o, Sr, Si};
   return {o, Sr};
