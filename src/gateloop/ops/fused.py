@@ -83,30 +83,24 @@ def _transition(log_a: Tensor) -> tuple[Tensor, Tensor | None]:
 class FusedScan(torch.autograd.Function):
     """_GateLoopScan's contract on CPU in the C++ kernel: (q, k [B, T, H, K], v [B, T, H, V] real,
     log_a [B, T, H, K|1] real or complex, S0 [B, H, K, V] or None) -> (o [B, T, H, V], S_T
-    [B, H, K, V]), all in one accumulation dtype (float32 or float64), backward in the kernel too.
-    K = V = 1 (max-headed) runs the kernel that vectorises over heads; other head sizes run the one
-    with a [K, V] state per head, vectorised over V."""
+    [B, H, K, V]), all in one accumulation dtype (float32 or float64), backward in the kernel too,
+    which picks its loops by head size (csrc/gateloop_scan.cpp)."""
 
     @staticmethod
     def forward(ctx, keep_states, q, k, v, log_a, S0):
         """keep_states=False (no gradient will be asked for): the kernels keep two state rows instead
         of T, which at T = 1024, H = 8, K = V = 64 saves 268 MB of fresh memory."""
-        flat = q.shape[-1] == v.shape[-1] == log_a.shape[-1] == 1
-        if flat:  # [B, T, H] planes
-            q, k, v, log_a = q[..., 0], k[..., 0], v[..., 0], log_a[..., 0]
-            S0 = None if S0 is None else S0[..., 0, 0]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         ar, ai = _transition(log_a)
         h0r, h0i = _planes(S0)
-        kernel = _kernel().forward if flat else _kernel().head_forward
-        o, Sr, *Si = kernel(q, k, v, ar, ai, h0r, h0i, keep_states)
+        o, Sr, *Si = _kernel().forward(q, k, v, ar, ai, h0r, h0i, keep_states)
         Si = Si[0] if Si else None
         if keep_states:
             ctx.save_for_backward(q, k, v, ar, ai, Sr, Si, h0r, h0i)
-        ctx.flat, ctx.complex = flat, log_a.is_complex()
+        ctx.complex = log_a.is_complex()
         last = (q.shape[1] - 1) % Sr.shape[1]  # the row of the final state
         S_T = Sr[:, last].clone() if Si is None else torch.complex(Sr[:, last], Si[:, last])  # not a view
-        return (o[..., None], S_T[..., None, None]) if flat else (o, S_T)
+        return o, S_T
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -114,17 +108,11 @@ class FusedScan(torch.autograd.Function):
         if not ctx.saved_tensors:
             raise RuntimeError("FusedScan: a backward pass after a forward with keep_states=False")
         q, k, v, ar, ai, Sr, Si, h0r, h0i = ctx.saved_tensors
-        if ctx.flat:
-            do, dS_T = do[..., 0], dS_T[..., 0, 0]
         dSr, dSi = _planes(dS_T)
-        kernel = _kernel().backward if ctx.flat else _kernel().head_backward
-        dq, dk, dv, dlr, *rest = kernel(q, k, v, ar, ai, Sr, Si, h0r, h0i, do.contiguous(), dSr, dSi)
+        dq, dk, dv, dlr, *rest = _kernel().backward(q, k, v, ar, ai, Sr, Si, h0r, h0i, do.contiguous(), dSr, dSi)
         dli = rest.pop(0) if ctx.complex else None
         dlog_a = dlr if dli is None else torch.complex(dlr, dli)
         dS0 = None
         if h0r is not None:
             dS0 = rest[0] if not ctx.complex else torch.complex(rest[0], rest[1])
-        if ctx.flat:
-            dq, dk, dv, dlog_a = dq[..., None], dk[..., None], dv[..., None], dlog_a[..., None]
-            dS0 = None if dS0 is None else dS0[..., None, None]
         return None, dq, dk, dv, dlog_a, dS0

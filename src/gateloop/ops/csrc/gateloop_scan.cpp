@@ -1,8 +1,9 @@
 // GateLoop's scan as fused CPU loops: the forward recurrence with its output, and the adjoint
 // recurrence with every gradient. The PyTorch reference is gateloop/ops/gateloop.py: _GateLoopScan;
 // gateloop/ops/fused.py loads this file and documents it. Two pairs of loops:
-//   forward / backward:           max-headed (K = V = 1), [B, T, H] planes, vectorised over heads;
-//   head_forward / head_backward: a [K, V] state per head, vectorised over V.
+//   forward_loop / backward_loop:           max-headed (K = V = 1), vectorised over heads;
+//   head_forward_loop / head_backward_loop: a [K, V] state per head, vectorised over V;
+// behind one pair of entry points, forward and backward, at the end of the file.
 //
 // Per state entry, with a_t = ar_t + i ai_t (ai absent for a real decay) and x_t = k_t v_t:
 //   forward:  S_t = a_t S_{t-1} + x_t,  o_t = q_t Re(S_t)            (summed over K for K > 1)
@@ -256,27 +257,44 @@ void head_backward_loop(const T* q, const T* k, const T* v, const T* ar, const T
   });
 }
 
-// forward(q, k, v, ar, ai?, h0r?, h0i?, keep_states), all [B, T, H] (h0 [B, H]) -> [o, Sr, Si?] with
-// the states [B, T or 2, H]: every one (for the backward) or two alternating rows (as head_forward).
+// One entry per direction for both pairs of loops: K = V = Kd = 1 (max-headed; the [B, T, H, 1]
+// tensors are [B, T, H] planes in memory) takes the loops vectorised over heads, any other head size
+// the [K, V]-state ones.
+
+// forward(q, k, v, ar, ai?, h0r?, h0i?, keep_states) with q, k [B, T, H, K], v [B, T, H, V],
+// a [B, T, H, Kd], h0 [B, H, K, V] -> [o [B, T, H, V], Sr [B, T or 2, H, K, V], Si?]: every state
+// (for the backward) or, without keep_states, two alternating rows (the last state at (T - 1) % 2).
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& ar, const c10::optional<at::Tensor>& ai,
-                                const c10::optional<at::Tensor>& h0r,
-                                const c10::optional<at::Tensor>& h0i, bool keep_states) {
-  TORCH_CHECK(q.dim() == 3, "scan kernel: q must be [B, T, H]");
-  const int64_t B = q.size(0), L = q.size(1), H = q.size(2);
-  for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&ar, "ar"}}) check(*t, q, q.sizes(), name);
-  check(ai, q, q.sizes(), "ai");
-  check(h0r, q, {B, H}, "h0r");
-  check(h0i, q, {B, H}, "h0i");
+                                const c10::optional<at::Tensor>& h0r, const c10::optional<at::Tensor>& h0i,
+                                bool keep_states) {
+  TORCH_CHECK(q.dim() == 4 && v.dim() == 4 && ar.dim() == 4, "scan kernel: q, v and a must be 4-d");
+  const int64_t B = q.size(0), L = q.size(1), H = q.size(2), K = q.size(3), V = v.size(3), Kd = ar.size(3);
+  TORCH_CHECK(Kd == 1 || Kd == K, "scan kernel: one decay per head or per key channel");
+  check(q, q, {B, L, H, K}, "q");
+  check(k, q, {B, L, H, K}, "k");
+  check(v, q, {B, L, H, V}, "v");
+  check(ar, q, {B, L, H, Kd}, "ar");
+  check(ai, q, {B, L, H, Kd}, "ai");
+  check(h0r, q, {B, H, K, V}, "h0r");
+  check(h0i, q, {B, H, K, V}, "h0i");
   const int64_t Ls = keep_states ? L : 2;
-  auto o = at::empty_like(q), Sr = at::empty({B, Ls, H}, q.options());
+  const bool flat = K == 1 && V == 1 && Kd == 1;
+  auto o = at::empty({B, L, H, V}, q.options()), Sr = at::empty({B, Ls, H, K, V}, q.options());
   at::Tensor Si = ai.has_value() ? at::empty_like(Sr) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "max_headed_scan_forward", [&] {
-    auto run = ai.has_value() ? forward_loop<scalar_t, true> : forward_loop<scalar_t, false>;
-    run(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), ar.data_ptr<scalar_t>(),
-        ptr_or_null<scalar_t>(ai), ptr_or_null<scalar_t>(h0r), ptr_or_null<scalar_t>(h0i),
-        o.data_ptr<scalar_t>(), Sr.data_ptr<scalar_t>(), Si.defined() ? Si.data_ptr<scalar_t>() : nullptr,
-        B, L, H, Ls);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "gateloop_scan_forward", [&] {
+    const scalar_t *q_ = q.data_ptr<scalar_t>(), *k_ = k.data_ptr<scalar_t>(), *v_ = v.data_ptr<scalar_t>();
+    const scalar_t *ar_ = ar.data_ptr<scalar_t>(), *ai_ = ptr_or_null<scalar_t>(ai);
+    const scalar_t *h0r_ = ptr_or_null<scalar_t>(h0r), *h0i_ = ptr_or_null<scalar_t>(h0i);
+    scalar_t *o_ = o.data_ptr<scalar_t>(), *sr_ = Sr.data_ptr<scalar_t>();
+    scalar_t* si_ = Si.defined() ? Si.data_ptr<scalar_t>() : nullptr;
+    if (flat) {
+      auto run = ai_ ? forward_loop<scalar_t, true> : forward_loop<scalar_t, false>;
+      run(q_, k_, v_, ar_, ai_, h0r_, h0i_, o_, sr_, si_, B, L, H, Ls);
+    } else {
+      auto run = ai_ ? head_forward_loop<scalar_t, true> : head_forward_loop<scalar_t, false>;
+      run(q_, k_, v_, ar_, ai_, h0r_, h0i_, o_, sr_, si_, B, L, H, K, V, Kd, Ls);
+    }
   });
   if (Si.defined()) return {o, Sr, Si};
   return {o, Sr};
@@ -286,81 +304,10 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& ar, const c10::optional<at::Tensor>& ai,
                                  const at::Tensor& Sr, const c10::optional<at::Tensor>& Si,
-                                 const c10::optional<at::Tensor>& h0r,
-                                 const c10::optional<at::Tensor>& h0i, const at::Tensor& dout,
-                                 const at::Tensor& dSr, const c10::optional<at::Tensor>& dSi) {
-  TORCH_CHECK(q.dim() == 3, "scan kernel: q must be [B, T, H]");
-  const int64_t B = q.size(0), L = q.size(1), H = q.size(2);
-  for (auto [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&ar, "ar"}, {&Sr, "Sr"}, {&dout, "do"}})
-    check(*t, q, q.sizes(), name);
-  check(ai, q, q.sizes(), "ai");
-  check(Si, q, q.sizes(), "Si");
-  check(h0r, q, {B, H}, "h0r");
-  check(h0i, q, {B, H}, "h0i");
-  check(dSr, q, {B, H}, "dSr");
-  check(dSi, q, {B, H}, "dSi");
-  TORCH_CHECK(ai.has_value() == Si.has_value() && (!ai.has_value() || dSi.has_value()),
-              "scan kernel: ai, Si and dSi come together (a complex decay)");
-  const bool cplx = ai.has_value();
-  auto dq = at::empty_like(q), dk = at::empty_like(q), dv = at::empty_like(q), dlr = at::empty_like(q);
-  at::Tensor dli = cplx ? at::empty_like(q) : at::Tensor();
-  at::Tensor dh0r = h0r.has_value() ? at::empty_like(*h0r) : at::Tensor();
-  at::Tensor dh0i = h0r.has_value() && cplx ? at::empty_like(*h0r) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "max_headed_scan_backward", [&] {
-    auto p = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
-    auto run = cplx ? backward_loop<scalar_t, true> : backward_loop<scalar_t, false>;
-    run(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), ar.data_ptr<scalar_t>(),
-        ptr_or_null<scalar_t>(ai), Sr.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(Si),
-        ptr_or_null<scalar_t>(h0r), ptr_or_null<scalar_t>(h0i), dout.data_ptr<scalar_t>(),
-        dSr.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(dSi), p(dq), p(dk), p(dv), p(dlr), p(dli),
-        p(dh0r), p(dh0i), B, L, H);
-  });
-  std::vector<at::Tensor> out = {dq, dk, dv, dlr};
-  if (cplx) out.push_back(dli);
-  if (dh0r.defined()) out.push_back(dh0r);
-  if (dh0i.defined()) out.push_back(dh0i);
-  return out;
-}
-
-// head_forward(q, k, v, ar, ai?, h0r?, h0i?, keep_states) with q, k [B, T, H, K], v [B, T, H, V],
-// a [B, T, H, Kd], h0 [B, H, K, V] -> [o [B, T, H, V], Sr [B, T or 2, H, K, V], Si?]: every state
-// (for the backward) or, without keep_states, two alternating rows (the last state at (T - 1) % 2).
-std::vector<at::Tensor> head_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                     const at::Tensor& ar, const c10::optional<at::Tensor>& ai,
-                                     const c10::optional<at::Tensor>& h0r,
-                                     const c10::optional<at::Tensor>& h0i, bool keep_states) {
-  TORCH_CHECK(q.dim() == 4 && v.dim() == 4 && ar.dim() == 4, "head_scan: q, v and a must be 4-d");
-  const int64_t B = q.size(0), L = q.size(1), H = q.size(2), K = q.size(3), V = v.size(3), Kd = ar.size(3);
-  TORCH_CHECK(Kd == 1 || Kd == K, "head_scan: one decay per head or per key channel");
-  check(q, q, {B, L, H, K}, "q");
-  check(k, q, {B, L, H, K}, "k");
-  check(v, q, {B, L, H, V}, "v");
-  check(ar, q, {B, L, H, Kd}, "ar");
-  check(ai, q, {B, L, H, Kd}, "ai");
-  check(h0r, q, {B, H, K, V}, "h0r");
-  check(h0i, q, {B, H, K, V}, "h0i");
-  const int64_t Ls = keep_states ? L : 2;
-  auto o = at::empty({B, L, H, V}, q.options()), Sr = at::empty({B, Ls, H, K, V}, q.options());
-  at::Tensor Si = ai.has_value() ? at::empty_like(Sr) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "head_scan_forward", [&] {
-    auto run = ai.has_value() ? head_forward_loop<scalar_t, true> : head_forward_loop<scalar_t, false>;
-    run(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), ar.data_ptr<scalar_t>(),
-        ptr_or_null<scalar_t>(ai), ptr_or_null<scalar_t>(h0r), ptr_or_null<scalar_t>(h0i),
-        o.data_ptr<scalar_t>(), Sr.data_ptr<scalar_t>(), Si.defined() ? Si.data_ptr<scalar_t>() : nullptr,
-        B, L, H, K, V, Kd, Ls);
-  });
-  if (Si.defined()) return {o, Sr, Si};
-  return {o, Sr};
-}
-
-// head_backward(q, k, v, ar, ai?, Sr, Si?, h0r?, h0i?, do, dSr, dSi?) -> [dq, dk, dv, dlr, dli?, dh0r?, dh0i?]
-std::vector<at::Tensor> head_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      const at::Tensor& ar, const c10::optional<at::Tensor>& ai,
-                                      const at::Tensor& Sr, const c10::optional<at::Tensor>& Si,
-                                      const c10::optional<at::Tensor>& h0r,
-                                      const c10::optional<at::Tensor>& h0i, const at::Tensor& dout,
-                                      const at::Tensor& dSr, const c10::optional<at::Tensor>& dSi) {
-  TORCH_CHECK(q.dim() == 4 && v.dim() == 4 && ar.dim() == 4, "head_scan: q, v and a must be 4-d");
+                                 const c10::optional<at::Tensor>& h0r, const c10::optional<at::Tensor>& h0i,
+                                 const at::Tensor& dout, const at::Tensor& dSr,
+                                 const c10::optional<at::Tensor>& dSi) {
+  TORCH_CHECK(q.dim() == 4 && v.dim() == 4 && ar.dim() == 4, "scan kernel: q, v and a must be 4-d");
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2), K = q.size(3), V = v.size(3), Kd = ar.size(3);
   check(q, q, {B, L, H, K}, "q");
   check(k, q, {B, L, H, K}, "k");
@@ -375,20 +322,29 @@ std::vector<at::Tensor> head_backward(const at::Tensor& q, const at::Tensor& k, 
   check(dSr, q, {B, H, K, V}, "dSr");
   check(dSi, q, {B, H, K, V}, "dSi");
   TORCH_CHECK(ai.has_value() == Si.has_value() && (!ai.has_value() || dSi.has_value()),
-              "head_scan: ai, Si and dSi come together (a complex decay)");
-  const bool cplx = ai.has_value();
+              "scan kernel: ai, Si and dSi come together (a complex decay)");
+  const bool cplx = ai.has_value(), flat = K == 1 && V == 1 && Kd == 1;
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v), dlr = at::empty_like(ar);
   at::Tensor dli = cplx ? at::empty_like(ar) : at::Tensor();
   at::Tensor dh0r = h0r.has_value() ? at::empty_like(*h0r) : at::Tensor();
   at::Tensor dh0i = h0r.has_value() && cplx ? at::empty_like(*h0r) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "head_scan_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "gateloop_scan_backward", [&] {
     auto p = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
-    auto run = cplx ? head_backward_loop<scalar_t, true> : head_backward_loop<scalar_t, false>;
-    run(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), ar.data_ptr<scalar_t>(),
-        ptr_or_null<scalar_t>(ai), Sr.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(Si),
-        ptr_or_null<scalar_t>(h0r), ptr_or_null<scalar_t>(h0i), dout.data_ptr<scalar_t>(),
-        dSr.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(dSi), p(dq), p(dk), p(dv), p(dlr), p(dli),
-        p(dh0r), p(dh0i), B, L, H, K, V, Kd);
+    const scalar_t *q_ = q.data_ptr<scalar_t>(), *k_ = k.data_ptr<scalar_t>(), *v_ = v.data_ptr<scalar_t>();
+    const scalar_t *ar_ = ar.data_ptr<scalar_t>(), *ai_ = ptr_or_null<scalar_t>(ai);
+    const scalar_t *sr_ = Sr.data_ptr<scalar_t>(), *si_ = ptr_or_null<scalar_t>(Si);
+    const scalar_t *h0r_ = ptr_or_null<scalar_t>(h0r), *h0i_ = ptr_or_null<scalar_t>(h0i);
+    const scalar_t *do_ = dout.data_ptr<scalar_t>(), *dsr_ = dSr.data_ptr<scalar_t>();
+    const scalar_t* dsi_ = ptr_or_null<scalar_t>(dSi);
+    if (flat) {
+      auto run = cplx ? backward_loop<scalar_t, true> : backward_loop<scalar_t, false>;
+      run(q_, k_, v_, ar_, ai_, sr_, si_, h0r_, h0i_, do_, dsr_, dsi_, p(dq), p(dk), p(dv), p(dlr), p(dli),
+          p(dh0r), p(dh0i), B, L, H);
+    } else {
+      auto run = cplx ? head_backward_loop<scalar_t, true> : head_backward_loop<scalar_t, false>;
+      run(q_, k_, v_, ar_, ai_, sr_, si_, h0r_, h0i_, do_, dsr_, dsi_, p(dq), p(dk), p(dv), p(dlr), p(dli),
+          p(dh0r), p(dh0i), B, L, H, K, V, Kd);
+    }
   });
   std::vector<at::Tensor> out = {dq, dk, dv, dlr};
   if (cplx) out.push_back(dli);
@@ -400,8 +356,6 @@ std::vector<at::Tensor> head_backward(const at::Tensor& q, const at::Tensor& k, 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "max-headed GateLoop scan, forward");
-  m.def("backward", &backward, "max-headed GateLoop scan, backward");
-  m.def("head_forward", &head_forward, "GateLoop scan with [K, V] states, forward");
-  m.def("head_backward", &head_backward, "GateLoop scan with [K, V] states, backward");
+  m.def("forward", &forward, "GateLoop scan, forward");
+  m.def("backward", &backward, "GateLoop scan, backward");
 }
