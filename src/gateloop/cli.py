@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from .errors import UserError
+from .fileio import atomic_write_text
 
 RUNS = Path("runs")
 LATEST = RUNS / "latest"
@@ -51,14 +52,31 @@ def cmd_eval(args) -> None:
     from .checkpoint import load_run
     from .train import evaluate, prepare_data, resolve_device
 
+    if any(n < 1 for n in args.context or []) or args.max_tokens < 0:
+        raise UserError("--context must be positive and --max-tokens >= 0")
     device = resolve_device(args.device)
     model, tokenizer, cfg = load_run(args.run, device)
     data = prepare_data(cfg, tokenizer)
-    with torch.no_grad():
-        metrics = evaluate(model, data.ids[args.split], tokenizer, seq_len=cfg.train.seq_len,
-                           batch_size=cfg.train.batch_size, max_tokens=args.max_tokens or data.ids[args.split].numel(),
-                           device=device, baseline_ids=data.ids["train"])
-    print(json.dumps({"run": str(args.run), "split": args.split, **metrics}))
+    ids = data.ids[args.split]
+    curves = {}
+    for context in args.context or [cfg.train.seq_len]:
+        # About as many tokens per batch as in training, whatever the context length.
+        batch_size = max(1, cfg.train.batch_size * cfg.train.seq_len // context)
+        with torch.no_grad():
+            metrics = evaluate(model, ids, tokenizer, seq_len=context, batch_size=batch_size,
+                               max_tokens=args.max_tokens or ids.numel(), device=device,
+                               baseline_ids=data.ids["train"], per_position=args.per_position)
+        if args.per_position:
+            curves[context] = metrics.pop("loss_at_position")
+        print(json.dumps({"run": str(args.run), "split": args.split, "context": context, **metrics}), flush=True)
+    if args.per_position:
+        from .plots import plot_per_position
+
+        out = Path(args.run) / f"per_position_{args.split}"
+        atomic_write_text(out.with_suffix(".json"), json.dumps({str(c): v for c, v in curves.items()}) + "\n")
+        plot_per_position({f"context {c}": v for c, v in curves.items()}, out.with_suffix(".png"),
+                          title=f"{cfg.model.mixer}: loss at each position ({args.split} split)")
+        print(f"loss per position: {out.with_suffix('.json')}, {out.with_suffix('.png')}", file=sys.stderr)
 
 
 def cmd_generate(args) -> None:
@@ -130,6 +148,35 @@ def add_task_commands(sub) -> None:
     p.set_defaults(func=cmd_viz_attention)
 
 
+def cmd_grid(args) -> int:
+    from .grid import load_grid, run_grid
+
+    if args.jobs < 1:
+        raise UserError("--jobs must be positive")
+    grid = load_grid(args.grid, args.set, args.seeds, results_root=Path(args.results_root))
+    results = Path(args.results) if args.results else Path(args.results_root) / grid.name
+    if args.report or args.plot:
+        from .grid_report import plot, report
+
+        if args.report:
+            print(report(grid, results, f"gateloop grid {args.grid}"))
+        if args.plot:
+            plot(grid, results, Path(args.plot))
+            print(f"plot: {args.plot}", file=sys.stderr)
+        return 0
+    if args.dry_run:
+        from .grid import _commands, is_done
+
+        for run in grid.runs:
+            state = "done" if is_done(run, results) else "to run"
+            print(f"# {run.task} {run.label} seed {run.seed}: {state}")
+            for cmd in _commands(run, run.run_dir(Path(args.runs) / grid.name)):
+                print(" ".join(cmd[2:]))
+        return 0
+    failed = run_grid(grid, results, Path(args.runs) / grid.name, jobs=args.jobs, progress=not args.no_progress)
+    return 1 if failed else 0
+
+
 def cmd_bench(args) -> None:
     from .bench import main
 
@@ -174,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default=str(LATEST), help="run directory (default: runs/latest)")
     p.add_argument("--split", choices=["val", "test"], default="val")
     p.add_argument("--max-tokens", type=int, default=0, help="evaluate at most this many tokens (0: all)")
+    p.add_argument("--context", type=int, nargs="+", metavar="N",
+                   help="score windows of N tokens, each from an empty state (default: train.seq_len); "
+                        "several N give one JSON line each (length extrapolation)")
+    p.add_argument("--per-position", action="store_true",
+                   help="also write RUN/per_position_<split>.json and .png: the mean loss at each position")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 
@@ -187,6 +239,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
     add_task_commands(sub)
+
+    p = sub.add_parser("grid", help="run an experiment grid (cells x seeds, resumable) and tabulate or plot "
+                       "its results (docs/grids.md)")
+    p.add_argument("grid", help="grid TOML file, e.g. configs/grids/lm_board.toml")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each its own process (default 1)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key in every run, applied last (repeatable)")
+    p.add_argument("--seeds", type=int, metavar="N", help="keep each cell's first N seeds")
+    p.add_argument("--results", metavar="DIR", help="where result files go (default: results/<grid name>/)")
+    p.add_argument("--results-root", default="results", help=argparse.SUPPRESS)
+    p.add_argument("--runs", default="runs/grid", help="where run directories (weights) go (default runs/grid)")
+    p.add_argument("--report", action="store_true", help="print markdown tables of the finished runs")
+    p.add_argument("--plot", metavar="PNG", help="draw learning curves, scores and loss per position into PNG")
+    p.add_argument("--dry-run", action="store_true", help="list the runs, whether each is done, and commands")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_grid)
 
     p = sub.add_parser("bench", help="time every GateLoop mode over T, beside the machine's GEMM rate "
                        "(docs/performance.md)")

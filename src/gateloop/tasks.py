@@ -53,7 +53,7 @@ class TaskConfig:
     and the sizes of the data sets. A parameter of another task than `name` may not be set."""
 
     name: str = "memory_horizon"  # memory_horizon | mqar | selective_copy
-    seq_len: int | None = None  # memory_horizon 256, mqar 128, selective_copy 64
+    seq_len: int | None = None  # memory_horizon 64, mqar 128, selective_copy 64
     n_numbers: int | None = None  # memory_horizon: N (10)
     max_resets: int | None = None  # memory_horizon: R_max (8)
     n_keys: int | None = None  # mqar (32)
@@ -74,7 +74,7 @@ class TaskConfig:
 class TaskTrainConfig:
     """Optimisation for a task run; the keys mean what they mean in train.* of `gateloop train`."""
 
-    steps: int = 400
+    steps: int = 1500
     batch_size: int = 32
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -82,7 +82,7 @@ class TaskTrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0  # model initialisation and data (train set: seed 2s, test set: 2s + 1)
-    eval_every: int = 50  # test accuracy every this many steps (the learning curve)
+    eval_every: int = 100  # test accuracy every this many steps (the learning curve)
     log_every: int = 10
     device: str = "auto"
     threads: int = 0
@@ -246,6 +246,7 @@ def train_task(cfg: TaskRunConfig, out_dir: str | Path, *, progress: bool = True
 
     n_params = sum(p.numel() for p in model.parameters())
     x_train, y_train = data.train
+    start = time.perf_counter()
     print(f"{cfg.task.name} with {cfg.model.mixer} {cfg.model.mixer_options or ''}: {n_params / 1e3:.1f}k "
           f"parameters; {len(x_train):,} train / {len(data.test[0]):,} test sequences of length "
           f"{x_train.shape[1]} ({data.overlap} test sequences dropped as seen in training); {tc.steps} steps "
@@ -253,12 +254,11 @@ def train_task(cfg: TaskRunConfig, out_dir: str | Path, *, progress: bool = True
 
     def log(row: dict) -> None:
         with open(out_dir / ckpt.METRICS, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps({**row, "seconds": round(time.perf_counter() - start, 3)}) + "\n")
 
     def test_accuracy() -> float:
         return evaluate_accuracy(model, *data.test, batch_size=tc.batch_size, device=device)
 
-    start = time.perf_counter()
     model.train()
     bar = tqdm(total=tc.steps, disable=not progress, unit="step", dynamic_ncols=True)
     for step in range(tc.steps):

@@ -76,32 +76,44 @@ def get_batch(ids: torch.Tensor, batch_size: int, seq_len: int, seed: int, step:
 @torch.no_grad()
 def evaluate(model, ids: torch.Tensor, tokenizer, *, seq_len: int, batch_size: int, max_tokens: int,
              device, autocast_dtype=None, baseline_ids: torch.Tensor | None = None,
-             dist: distributed.Dist | None = None) -> dict:
+             dist: distributed.Dist | None = None, per_position: bool = False) -> dict:
     """Loss on consecutive, non-overlapping windows of the split (each window starts from an empty
     state), in nats per token and bits per byte of the text those target tokens spell; with
     baseline_ids (the train split), also a unigram model's bits per byte on the same targets.
-    Under torchrun (dist), rank r takes windows r, r + N, ... and the sums are all-reduced."""
+    per_position adds "loss_at_position": the mean loss (nats) at each of the seq_len positions of a
+    window, over the windows (how the loss falls, or rises, with the context seen so far).
+    Under torchrun (dist), rank r takes windows r, r + N, ... and the sums are all-reduced.
+    The model's train / eval mode is restored afterwards."""
     dist = dist or distributed.Dist(device=torch.device(device))
+    was_training = model.training
     model.eval()
     n_windows = max(1, min((ids.numel() - 1) // seq_len, max_tokens // seq_len))
     seq_len = min(seq_len, ids.numel() - 1)
     mine = torch.arange(dist.rank, n_windows, dist.world)
     total, count = 0.0, 0
+    at_position = torch.zeros(seq_len, dtype=torch.float64)
     for first in range(0, mine.numel(), batch_size):
         starts = mine[first:first + batch_size] * seq_len
         chunk = ids[starts[:, None] + torch.arange(seq_len + 1)].to(device)
         with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits, _ = model(chunk[:, :-1])
-        total += F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
+        losses = F.cross_entropy(logits.float().transpose(1, 2), chunk[:, 1:], reduction="none")  # [b, T]
+        total += losses.sum().item()
         count += chunk[:, 1:].numel()
+        if per_position:
+            at_position += losses.sum(0).double().cpu()
     total, count = dist.sum([total, count])
     count = int(count)
-    model.train()
+    if per_position:
+        at_position = dist.sum(at_position.tolist())
+    model.train(was_training)
     targets = ids[1:1 + n_windows * seq_len]
     n_bytes = len(tokenizer.decode(targets.tolist()).encode("utf-8"))
     loss = total / count
     metrics = {"loss": loss, "bits_per_byte": total / math.log(2) / max(n_bytes, 1),
                "perplexity": math.exp(min(loss, 50.0)), "tokens": count, "bytes": n_bytes}
+    if per_position:
+        metrics["loss_at_position"] = [x / n_windows for x in at_position]
     if baseline_ids is not None:
         metrics["unigram_bits_per_byte"] = unigram_bits_per_byte(baseline_ids, targets, n_bytes,
                                                                  tokenizer.vocab_size)
@@ -255,9 +267,13 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, progress: bool, dist: di
         x, _ = get_batch(data.ids["train"], tc.batch_size, tc.seq_len, tc.seed, step)
         net = _compiled(net, dist.shard(x).to(device), autocast_dtype, say)
 
+    # Training time so far (evaluations included), carried over a resume: learning curves against time.
+    previous = [r["seconds"] for r in ckpt.read_metrics(out_dir) if "seconds" in r] if main and resume else []
+    clock = time.perf_counter() - (previous[-1] if previous else 0.0)
+
     def log(row: dict) -> None:
         if main:
-            _log(out_dir, row)
+            _log(out_dir, {**row, "seconds": round(time.perf_counter() - clock, 3)})
 
     def run_eval(step: int, final: bool = False) -> dict:
         result = evaluate(model, data.ids["val"], data.tokenizer, seq_len=tc.seq_len, batch_size=tc.batch_size,
@@ -334,7 +350,7 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, progress: bool, dist: di
     unigram = result["unigram_bits_per_byte"]
     metrics = {"step": step, "val_loss": result["loss"], "val_bits_per_byte": result["bits_per_byte"],
                "val_perplexity": result["perplexity"], "unigram_bits_per_byte": unigram,
-               "val_tokens": result["tokens"]}
+               "val_tokens": result["tokens"], "parameters": n_params, "train_tokens": step * tokens_per_step}
     log({"step": step, "final": True, **metrics})
     if main:
         plot_losses(ckpt.read_metrics(out_dir), out_dir / ckpt.LOSS_PLOT, title=f"{cfg.model.mixer} on "

@@ -33,7 +33,7 @@ def _random_positions(n: int, length: int, count: Tensor, g: torch.Generator) ->
     return ranks < count[:, None]
 
 
-def memory_horizon(n: int, seq_len: int = 256, *, n_numbers: int = 10, max_resets: int = 8,
+def memory_horizon(n: int, seq_len: int = 64, *, n_numbers: int = 10, max_resets: int = 8,
                    seed: int = 0) -> tuple[Tensor, Tensor]:
     """Numbers 0..N-1 (N = n_numbers) and a RESET token (= N); every step is scored.
 

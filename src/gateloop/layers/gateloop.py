@@ -36,11 +36,8 @@ class GateLoop(nn.Module):
         (alpha, beta are learned parameters independent of x: the S4 / S5 / LRU / RetNet family), or
         "none" (a = 1: causal linear attention; needs use_complex=False; decay is then irrelevant).
       mode: which op computes the sequence: "chunk", "scan", "attention", "recurrent"; all four
-        give the same outputs, states and gradients. None (default) picks "chunk" when head_dim > 1
-        and "scan" for the max-headed layer: with K = V = 1 the chunk form's C x C matrices are
-        outer products of scalars, pure overhead (benchmarks/bench_modes.py shows the figures). On
-        CPU, with a decay per key channel, "scan" (fused kernels, ops/fused.py) trains about 2x
-        faster than "chunk" (docs/performance.md).
+        give the same outputs, states and gradients. None (default) picks the fastest for the input's
+        device (see `auto_mode`; benchmarks/bench_modes.py and docs/performance.md show the figures).
       output_gate / norm: the silu output gate and the RMSNorm of y. The norm is per head (over V
         channels, weight shared by the heads) when head_dim > 1; with head_dim = 1 a per-head norm
         would reduce y to its sign, so it then normalises all d_model channels together.
@@ -68,9 +65,7 @@ class GateLoop(nn.Module):
                  transition_lr_scale: float = 0.1, chunk_size: int | None = None,
                  r_min: float = 0.9, r_max: float = 0.999, max_phase: float = math.pi / 10):
         super().__init__()
-        if mode is None:
-            mode = "chunk" if head_dim > 1 else "scan"
-        if mode not in GATELOOP_MODES:
+        if mode is not None and mode not in GATELOOP_MODES:
             raise ValueError(f"mode must be one of {sorted(GATELOOP_MODES)}, got {mode!r}")
         if decay not in DECAYS:
             raise ValueError(f"decay must be one of {DECAYS}, got {decay!r}")
@@ -179,6 +174,15 @@ class GateLoop(nn.Module):
             log_mag = F.logsigmoid(alpha)  # = -softplus(-alpha): no overflow for any alpha
             return log_mag if beta is None else torch.complex(log_mag, beta)
 
+    def auto_mode(self, device: torch.device) -> str:
+        """The fastest mode measured for this shape: "scan" for the max-headed layer (with K = V = 1 the
+        chunk form's C x C matrices are outer products of scalars, pure overhead) and, on CPU, for a
+        decay per key channel (the fused scan kernels train about 2x faster than the chunk form's
+        elementwise [C, C, K] decays there); "chunk", made of matrix products, everywhere else."""
+        if self.head_dim == 1 or (self.decay == "channel" and self.transition != "none" and device.type == "cpu"):
+            return "scan"
+        return "chunk"
+
     def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x: [B, T, D], state: [B, H, K, V] or None -> (y: [B, T, D], new state [B, H, K, V])."""
         B, T, D = x.shape
@@ -188,7 +192,7 @@ class GateLoop(nn.Module):
         v = self.W_v(x).view(B, T, H, K)  # V = K
         log_a = self.compute_log_a(x)
         # One token (generation): the recurrent op is the same maths as every mode, with the least work.
-        mode = "recurrent" if T == 1 else self.mode
+        mode = "recurrent" if T == 1 else self.mode or self.auto_mode(x.device)
         op = GATELOOP_MODES[mode]
         extra = {"chunk_size": self.chunk_size} if op is gateloop_chunk else {}
         # The op accumulates in float32 itself; autocast would push its matmuls back to bfloat16.
