@@ -41,6 +41,22 @@ def test_eval_prints_one_json_line(run, capsys):
     assert metrics["split"] == "test" and metrics["loss"] > 0 and metrics["bits_per_byte"] > 0
 
 
+def test_eval_at_several_contexts_with_the_loss_per_position(run, capsys):
+    assert main(["eval", "--run", str(run), "--split", "test"]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--run", str(run), "--split", "test", "--context", "16", "64", "--per-position"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [m["context"] for m in lines] == [16, 64]
+    assert lines[0]["loss"] == pytest.approx(default["loss"], rel=1e-6)  # 16 is the training length
+    curves = json.loads((run / "per_position_test.json").read_text())
+    assert {k: len(v) for k, v in curves.items()} == {"16": 16, "64": 64}
+    for m in lines:  # every window is full, so the loss is the mean of the per-position means
+        assert sum(curves[str(m["context"])]) / m["context"] == pytest.approx(m["loss"], rel=1e-6)
+    assert (run / "per_position_test.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["eval", "--run", str(run), "--context", "0"]) == 2
+    assert "--context must be positive" in capsys.readouterr().err
+
+
 def test_generate_continues_the_prompt(run, capsys):
     assert main(["generate", "--run", str(run), "--prompt", "the cat", "--max-new-tokens", "20"]) == 0
     text = capsys.readouterr().out

@@ -38,6 +38,7 @@ lr = [1e-3, 3e-3]
 
 [[cells]]
 name = "transformer"
+group = "baselines"
 mixer = "transformer"
 options = {{head_dim = 8}}
 tasks = ["lm"]
@@ -107,6 +108,7 @@ def test_report_tables_are_means_over_seeds(finished, capsys):
     line = next(line for line in out.splitlines() if "| gateloop lr=0.003 |" in line)
     assert f"| 2 | {expected} |" in line
     assert "### memory_horizon" in out and "test at context 64" in out
+    assert "### Language model: baselines" in out  # a cell's group gets its own table
     assert "| gateloop | lr=" in out  # the sweep's choice
 
 

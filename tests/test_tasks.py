@@ -147,39 +147,3 @@ def test_cli_task_run_and_its_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("gateloop: error: ") for line in err)
     assert "already exists" in err[0] and "unknown task 'nope'" in err[1] and "task.n_numbers" in err[2]
-
-
-def _grid_module():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "run_task_grid.py"
-    spec = importlib.util.spec_from_file_location("run_task_grid", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_grid_plan_shares_equal_runs_and_reports_mean_and_spread(tmp_path):
-    grid_mod = _grid_module()
-    grid = {"out": str(tmp_path), "set": ["task.seq_len=16"],
-            "tasks": {"memory_horizon": {}, "mqar": {"set": ["task.n_pairs=2"]}},
-            "ablations": [{"name": "data, complex", "seeds": [0, 1],
-                           "set": ["model.mixer=gateloop", "model.mixer_options.transition=data"]},
-                          {"name": "small", "table": "state", "tasks": ["mqar"], "seeds": [0],
-                           "set": ["model.mixer_options.head_dim=4"]}],
-            "mixers": {"names": ["gateloop", "hgrn"], "seeds": [0]}}
-    jobs = grid_mod.plan(grid, tmp_path)
-    assert len(jobs) == 2 * 2 + 1 + 2 * 2
-    assert len({j.out for j in jobs}) == len(jobs) - 2  # gateloop's defaults are the "data, complex" runs
-    assert jobs[0].command()[2:6] == ["gateloop", "task", "run", "memory_horizon"]
-    for job in jobs:
-        job.out.mkdir(parents=True, exist_ok=True)
-        metrics = {"test_accuracy": 0.5 + 0.1 * job.seed, "test_accuracy_4x": 0.25, "parameters": 1000,
-                   "train_seconds": 1.0}
-        (job.out / "metrics.json").write_text(json.dumps(metrics))
-    text = grid_mod.report(tmp_path / "grid.toml", grid, jobs)
-    assert "| data, complex | 0,1 | 0.550 ± 0.071 (0.500–0.600) | 0.250 ± 0.000" in text
-    assert "### state" in text and "### Every mixer of the registry" in text

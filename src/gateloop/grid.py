@@ -43,7 +43,7 @@ else:  # pragma: no cover
 
 LM = "lm"
 GRID_KEYS = {"name", "description", "seeds", "threads", "set", "lr", "lr_from", "contexts", "tasks", "cells"}
-CELL_KEYS = {"name", "mixer", "options", "lr", "set", "seeds", "tasks", "vary"}
+CELL_KEYS = {"name", "group", "mixer", "options", "lr", "set", "seeds", "tasks", "vary"}
 TASK_KEYS = {"config", "set"}
 POSITION_BINS = 48  # the loss-per-position curve kept in a result: means over log-spaced bins
 
@@ -55,6 +55,7 @@ class Run:
     task: str  # "lm" or a synthetic task (memory_horizon, mqar, selective_copy)
     cell: str  # the cell's name in the grid file
     label: str  # the cell's name and its swept values: "gateloop lr=0.003"
+    group: str  # the report's table this run goes in ("" for the main one)
     seed: int
     sets: tuple[str, ...]  # every override, in the order applied
     config: str | None  # a task run's --config file
@@ -190,18 +191,19 @@ def load_grid(path: str | Path, overrides: list[str] = (), n_seeds: int | None =
         for combo in itertools.product(*vary.values()):
             swept = [f"{k}={_literal(v)}" for k, v in zip(vary, combo)]
             label = " ".join([cell["name"], *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(vary, combo))])
-            expanded.append((cell["name"], label, cell_seeds[:n_seeds], sets + swept, cell_tasks))
+            expanded.append((cell["name"], label, str(cell.get("group", "")), cell_seeds[:n_seeds], sets + swept,
+                             cell_tasks))
 
     runs = []
-    for i in range(max((len(e[2]) for e in expanded), default=0)):
-        for cell, label, cell_seeds, sets, cell_tasks in expanded:
+    for i in range(max((len(e[3]) for e in expanded), default=0)):
+        for cell, label, group, cell_seeds, sets, cell_tasks in expanded:
             if i >= len(cell_seeds):
                 continue
             for task in cell_tasks:
                 spec = tasks[task]
                 every = [*common, *spec.get("set", []), *sets, *overrides, f"train.seed={cell_seeds[i]}",
                          f"train.threads={threads}"]
-                runs.append(Run(task, cell, label, cell_seeds[i], tuple(every), spec.get("config"),
+                runs.append(Run(task, cell, label, group, cell_seeds[i], tuple(every), spec.get("config"),
                                 tuple(contexts) if task == LM else (), threads))
     grid = Grid(name, path, runs, raw)
     _check_configs(grid)

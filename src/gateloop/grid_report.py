@@ -24,10 +24,10 @@ def spread(values: list[float], digits: int = 3) -> str:
             f"({min(values):.{digits}f}–{max(values):.{digits}f})")
 
 
-def _by_label(rows: list[tuple[Run, dict]], task: str) -> dict[str, list[dict]]:
+def _by_label(rows: list[tuple[Run, dict]], task: str, group: str | None = None) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for run, result in rows:
-        if run.task == task:
+        if run.task == task and group in (None, run.group):
             out.setdefault(run.label, []).append(result)
     return out
 
@@ -43,23 +43,21 @@ def report(grid: Grid, results: Path, command: str) -> str:
     n_planned = len(grid.runs)
     lines = [f"Grid `{grid.name}` ({grid.path}): {len(rows)} of {n_planned} runs finished. Remake the runs "
              f"with `{command}` and this table with `{command} --report`.", ""]
-    for task in dict.fromkeys(r.task for r in grid.runs):
-        groups = _by_label(rows, task)
-        if task == LM:
-            lines += _lm_table(groups)
-        else:
-            lines += _task_table(task, groups)
+    for task, group in dict.fromkeys((r.task, r.group) for r in grid.runs):
+        groups = _by_label(rows, task, group)
+        title = f"{'Language model' if task == LM else task}{f': {group}' if group else ''}"
+        lines += _lm_table(title, groups) if task == LM else _task_table(title, groups)
         lines.append("")
     return "\n".join(lines)
 
 
-def _lm_table(groups: dict[str, list[dict]]) -> list[str]:
+def _lm_table(title: str, groups: dict[str, list[dict]]) -> list[str]:
     contexts = sorted({int(c) for rs in groups.values() for r in rs for c in r["test_bits_per_byte_at"]})
     seq_lens = {r["seq_len"] for rs in groups.values() for r in rs}
     extra = [c for c in contexts if c not in seq_lens]
     head = ["#", "model", "n", "test bits/byte", "val bits/byte", *(f"test at context {c}" for c in extra),
             "parameters", "tokens/s", "train time"]
-    lines = ["### Language model", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = sorted(groups, key=lambda label: _mean(groups[label], "test_bits_per_byte"))
     for i, label in enumerate(order, 1):
         rs = groups[label]
@@ -87,10 +85,10 @@ def _lm_table(groups: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def _task_table(task: str, groups: dict[str, list[dict]]) -> list[str]:
+def _task_table(title: str, groups: dict[str, list[dict]]) -> list[str]:
     long = any("test_accuracy_4x" in r for rs in groups.values() for r in rs)
     head = ["#", "model", "n", "test accuracy", *(["at 4x length"] if long else []), "parameters", "train time"]
-    lines = [f"### {task}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = sorted(groups, key=lambda label: -_mean(groups[label], "test_accuracy"))
     for i, label in enumerate(order, 1):
         rs = groups[label]
