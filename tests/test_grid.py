@@ -135,16 +135,22 @@ def test_lr_from_takes_each_cells_best_learning_rate(finished, tmp_path, capsys)
     path, results, _, _ = finished
     board = tmp_path / "board.toml"
     board.write_text(path.read_text().replace("lr = [1e-3, 3e-3]", "").replace('name = "tiny"', 'name = "board"\n'
-                     'lr_from = "tiny"') + '[[cells]]\nname = "hgrn"\nmixer = "hgrn"\n')
+                     f'lr_from = "{path}"') + '[[cells]]\nname = "hgrn"\nmixer = "hgrn"\n')
     grid = load_grid(board, results_root=results.parent)
     val = {lr: statistics.mean(json.loads(p.read_text())["val_bits_per_byte"]
                                for p in (results / "lm").glob(f"gateloop-lr-{lr}-*.json")) for lr in (0.001, 0.003)}
     best = min(val, key=val.get)
-    assert best_lr(results, "gateloop") == best
+    assert best_lr(load_grid(path), results, "gateloop") == best
     assert {r.cell for r in grid.runs} == {"gateloop", "transformer"}  # hgrn was not swept: left out
     assert all(f"train.lr={best!r}" in r.sets for r in grid.runs if r.cell == "gateloop")
     assert all("train.lr=0.003" in r.sets for r in grid.runs if r.cell == "transformer")
     assert "cell 'hgrn' left out" in capsys.readouterr().err
+    # A sweep that has not finished for a cell gives that cell no learning rate yet.
+    (results / "lm" / "gateloop-lr-0.001-seed1.json").rename(tmp_path / "aside.json")
+    try:
+        assert best_lr(load_grid(path), results, "gateloop") is None
+    finally:
+        (tmp_path / "aside.json").rename(results / "lm" / "gateloop-lr-0.001-seed1.json")
 
 
 @pytest.mark.parametrize("text, message", [
@@ -159,6 +165,7 @@ def test_lr_from_takes_each_cells_best_learning_rate(finished, tmp_path, capsys)
     ("[tasks.sudoku]\n[[cells]]\nname = 'a'", "unknown task 'sudoku'"),
     ("seeds = [-1]\n[[cells]]\nname = 'a'", "seeds must be a non-empty list"),
     ("[[cells]]\nname = 'a'\ntasks = ['mqar']", "tasks must be a list of the grid's tasks"),
+    ("lr_from = 'nowhere.toml'\n[[cells]]\nname = 'a'", "lr_from: no grid file 'nowhere.toml'"),
     ("[[cells", "not valid TOML"),
 ])
 def test_bad_grid_files_get_one_clear_error(tmp_path, capsys, text, message):

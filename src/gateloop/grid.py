@@ -104,9 +104,9 @@ def load_grid(path: str | Path, overrides: list[str] = (), n_seeds: int | None =
               results_root: Path = Path("results")) -> Grid:
     """Read and check a grid file; every run it describes, in order: seed by seed, cell by cell, task by
     task (so a half-finished grid has every cell at its first seeds). `overrides` (--set) apply to
-    every run, last; n_seeds keeps each cell's first n seeds. With `lr_from = "<sweep grid>"`, a cell
-    without its own lr takes the one with the lowest mean validation bits/byte among that grid's
-    results under results_root (a cell the sweep has not reached yet is left out, with a note)."""
+    every run, last; n_seeds keeps each cell's first n seeds. With `lr_from = "<sweep grid file>"`, a
+    cell without its own lr takes the one with the lowest mean validation bits/byte among that grid's
+    results under results_root (a cell whose sweep has not finished is left out, with a note)."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -144,7 +144,13 @@ def load_grid(path: str | Path, overrides: list[str] = (), n_seeds: int | None =
     if n_seeds is not None and n_seeds < 1:
         raise UserError(f"--seeds must be positive, got {n_seeds}")
 
-    expanded = []  # (cell name, label, seeds, sets, tasks)
+    sweep = None
+    if "lr_from" in raw:  # a grid file, relative to the working directory or to this file's folder
+        found = [p for p in (Path(str(raw["lr_from"])), path.parent / str(raw["lr_from"])) if p.is_file()]
+        if not found:
+            _fail(path, f"lr_from: no grid file {raw['lr_from']!r}")
+        sweep = load_grid(found[0], results_root=results_root)
+    expanded = []  # (cell name, label, group, seeds, sets, tasks)
     names = set()
     for i, cell in enumerate(cells):
         if not isinstance(cell, dict) or not isinstance(cell.get("name"), str) or not cell["name"]:
@@ -174,11 +180,11 @@ def load_grid(path: str | Path, overrides: list[str] = (), n_seeds: int | None =
         if not isinstance(vary, dict) or not all(isinstance(v, list) and v for v in vary.values()):
             _fail(path, f"{where}: vary must be a table of key = [values]")
         lr = cell.get("lr", raw.get("lr"))
-        if lr is None and "lr_from" in raw:
-            lr = best_lr(results_root / str(raw["lr_from"]), cell["name"])
+        if lr is None and sweep is not None:
+            lr = best_lr(sweep, results_root / sweep.name, cell["name"])
             if lr is None:
-                print(f"{path}: cell {cell['name']!r} left out: no results of it in "
-                      f"{results_root / str(raw['lr_from'])} yet", file=sys.stderr)
+                print(f"{path}: cell {cell['name']!r} left out: its learning-rate sweep in {sweep.path} has not "
+                      "finished", file=sys.stderr)
                 continue
         if lr is not None:
             lrs = lr if isinstance(lr, list) else [lr]
@@ -225,14 +231,17 @@ def _check_configs(grid: Grid) -> None:
             raise UserError(f"grid file {grid.path}, cell {run.label!r} on {run.task}: {e}") from None
 
 
-def best_lr(sweep: Path, cell: str) -> float | None:
-    """The learning rate of `cell` with the lowest mean validation bits/byte in a sweep's LM results."""
+def best_lr(sweep: Grid, results: Path, cell: str) -> float | None:
+    """The learning rate of `cell` with the lowest mean validation bits/byte in the sweep grid's LM
+    results (in `results`); None until every run of that cell in the sweep has finished."""
+    runs = [r for r in sweep.runs if r.cell == cell and r.task == LM]
+    if not runs or not all(is_done(r, results) for r in runs):
+        return None
     by_lr: dict[float, list[float]] = {}
-    for path in sorted((sweep / LM).glob("*.json")):
-        result = read_result(path)
-        if result and result.get("grid_cell") == cell:
-            by_lr.setdefault(result["lr"], []).append(result["val_bits_per_byte"])
-    return min(by_lr, key=lambda lr: statistics.mean(by_lr[lr])) if by_lr else None
+    for run in runs:
+        result = read_result(run.result_path(results))
+        by_lr.setdefault(result["lr"], []).append(result["val_bits_per_byte"])
+    return min(by_lr, key=lambda lr: statistics.mean(by_lr[lr]))
 
 
 def read_result(path: Path) -> dict | None:
