@@ -181,3 +181,41 @@ def test_bad_grid_files_get_one_clear_error(tmp_path, capsys, text, message):
 def test_missing_grid_file(tmp_path, capsys):
     assert main(["grid", str(tmp_path / "none.toml")]) == 2
     assert "cannot read grid file" in capsys.readouterr().err
+
+
+def test_sigterm_stops_the_grid_and_the_next_call_resumes(corpus, tmp_path):
+    """SIGTERM reaches the running trainer (it saves a checkpoint), queued runs do not start, and the
+    same command then resumes the run from that checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "long.toml"
+    path.write_text(GRID.format(corpus=corpus).replace('"train.steps=4"', '"train.steps=3000"')
+                    .replace('"train.eval_every=2"', '"train.eval_every=1000", "train.checkpoint_every=5"')
+                    .replace("[tasks.memory_horizon]\nset = [\"task.seq_len=16\", \"task.n_test=8\"]\n", ""))
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    cmd = [sys.executable, "-m", "gateloop", "grid", str(path), "--results", str(results), "--runs", str(runs),
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = runs / "tiny" / "lm" / "gateloop-lr-0.001-seed0" / "trainer_state.pt"
+    deadline = time.monotonic() + 120
+    while not state.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert state.exists(), "the first run never saved a checkpoint"
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopped" in err
+    assert not results.exists() or not list(results.rglob("*.json"))
+    assert sorted(p.name for p in (runs / "tiny" / "lm").iterdir() if p.is_dir()) == ["gateloop-lr-0.001-seed0"]
+    log = (runs / "tiny" / "lm" / "gateloop-lr-0.001-seed0.log").read_text()
+    assert "SIGTERM" in log  # the trainer's own message: checkpoint saved
+    # The next call resumes it (a shorter budget keeps the test quick: train.* may change on resume).
+    grid = load_grid(path, n_seeds=1)
+    from gateloop.grid import _commands
+
+    first = grid.runs[0]
+    assert "--resume" in _commands(first, first.run_dir(runs / "tiny"))[0]

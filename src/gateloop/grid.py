@@ -21,9 +21,11 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -276,6 +278,16 @@ def _commands(run: Run, run_dir: Path) -> list[list[str]]:
     return [train, evaluate]
 
 
+class Stopped(Exception):
+    """The grid was asked to stop (Ctrl-C, SIGTERM) while this run was going."""
+
+
+# The running children, so that a stop request reaches them (SIGTERM: a trainer saves a checkpoint
+# and exits), and the flag that keeps queued runs from starting.
+_CHILDREN: set[subprocess.Popen] = set()
+_STOP = threading.Event()
+
+
 def execute(run: Run, runs: Path, results: Path) -> dict:
     """Train and score one run in child processes (with run.threads threads each); write its result."""
     run_dir = run.run_dir(runs)
@@ -293,13 +305,20 @@ def execute(run: Run, runs: Path, results: Path) -> dict:
         for cmd in _commands(run, run_dir):
             f.write("$ " + " ".join(cmd) + "\n")
             f.flush()
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, env=env)
-            f.write(proc.stdout)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=f, text=True, env=env)
+            _CHILDREN.add(proc)
+            try:
+                stdout, _ = proc.communicate()
+            finally:
+                _CHILDREN.discard(proc)
+            f.write(stdout)
+            if _STOP.is_set():
+                raise Stopped
             if proc.returncode:
                 tail = [line for line in log.read_text().splitlines() if line.strip()][-1:]
                 raise RuntimeError(f"{run.task} {run.label} seed {run.seed}: exit code {proc.returncode} "
                                    f"({tail[0] if tail else 'no output'}); log {log}")
-            outputs.append(proc.stdout)
+            outputs.append(stdout)
     result = _collect(run, run_dir, outputs[-1], time.perf_counter() - start)
     # One key per line, each value on it: small diffs in git, curves not spread over thousands of lines.
     text = "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in result.items()) + "\n}\n"
@@ -367,17 +386,24 @@ def _log_bins(losses: list[float]) -> list[list[float]]:
 
 
 def run_grid(grid: Grid, results: Path, runs: Path, jobs: int = 1, progress: bool = True) -> int:
-    """Run every run of the grid not done yet, `jobs` at a time; returns the number that failed."""
+    """Run every run of the grid not done yet, `jobs` at a time; returns the number that failed.
+    Ctrl-C or SIGTERM stops it: queued runs do not start, running ones get SIGTERM (an LM run saves a
+    checkpoint, from which the next `gateloop grid` resumes it), then KeyboardInterrupt is raised."""
     todo = [r for r in grid.runs if not is_done(r, results)]
     print(f"{grid.name}: {len(grid.runs) - len(todo)} of {len(grid.runs)} runs done; {len(todo)} to run, "
           f"{jobs} at a time; results in {results}", flush=True)
     failed = 0
     bar = tqdm(total=len(todo), unit="run", disable=not progress, dynamic_ncols=True, smoothing=0)
+    _STOP.clear()
 
     def one(run: Run) -> None:
         nonlocal failed
+        if _STOP.is_set():
+            return
         try:
             result = execute(run, runs, results)
+        except Stopped:
+            return
         except RuntimeError as e:
             failed += 1
             tqdm.write(f"FAILED: {e}")
@@ -387,8 +413,28 @@ def run_grid(grid: Grid, results: Path, runs: Path, jobs: int = 1, progress: boo
             tqdm.write(f"{run.task} {run.label} seed {run.seed}: {score} ({result['wall_seconds']:.0f} s)")
         bar.update(1)
 
-    with ThreadPoolExecutor(jobs) as pool:
-        list(pool.map(one, todo))
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+    pool = ThreadPoolExecutor(jobs)
+    try:
+        for future in [pool.submit(one, run) for run in todo]:
+            future.result()
+    except KeyboardInterrupt:
+        _STOP.set()
+        for child in list(_CHILDREN):
+            child.send_signal(signal.SIGTERM)
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+        print(f"{grid.name}: stopped; running runs saved a checkpoint where they could: run the same command "
+              "to continue", file=sys.stderr)
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     bar.close()
     return failed
 
