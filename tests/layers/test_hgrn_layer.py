@@ -107,7 +107,7 @@ HGRN2_COMBOS = [dict(head_dim=4, lower_bound="fixed"), dict(head_dim=4, lower_bo
 @pytest.mark.parametrize("opts", HGRN_COMBOS, ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_hgrn_modes_match_the_paper_loop(opts):
     layers = []
-    for mode in ["scan", "recurrent"]:
+    for mode in ["blocked", "scan", "recurrent"]:
         torch.manual_seed(0)
         layers.append(HGRN(D, layer_idx=LAYER, n_layers=N_LAYERS, mode=mode, **opts).double())
     state_dtype = torch.complex128 if opts["use_complex"] else torch.float64

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import assert_close_rms
 
-from gateloop.ops.hgrn import HGRN_MODES, hgrn_recurrent, hgrn_scan
+from gateloop.ops.hgrn import HGRN_MODES, hgrn_blocked, hgrn_recurrent, hgrn_scan
 
 # (x complex?, log_f complex?): the real HGRN (fla), the paper's complex one, and the mixed cases.
 CASES = {"real": (False, False), "complex": (True, True), "real-x": (False, True), "real-f": (True, False)}
@@ -74,9 +74,10 @@ def reference(T, case, init):
 @pytest.mark.parametrize("init", [False, True], ids=["zero-state", "initial-state"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("T", [1, 7, 64, 65, 1000])
-def test_scan_matches_recurrent(T, case, init, dtype):
+@pytest.mark.parametrize("op", [hgrn_scan, hgrn_blocked], ids=["scan", "blocked"])
+def test_parallel_forms_match_recurrent(op, T, case, init, dtype):
     leaves, expected = reference(T, case, init)
-    check(run(hgrn_scan, leaves, dtype), expected, dtype, f"scan T={T} {case}")
+    check(run(op, leaves, dtype), expected, dtype, f"{op.__name__} T={T} {case}")
 
 
 def test_recurrent_is_the_recurrence():

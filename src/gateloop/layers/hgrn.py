@@ -97,8 +97,10 @@ class HGRN(nn.Module):
         norm and W_o on D channels instead of 2 D).
       norm_order: "gate_then_norm" (default, the paper's) or "norm_then_gate" (fla's).
       lower_bound: "fixed" (default), "learned" or "none": how gamma is held, see ForgetGate.
-      mode: "scan" (parallel, the training default) or "recurrent" (the loop); same outputs, states
-        and gradients. One-token calls always use the loop.
+      mode: "blocked" (the default: the O(T) blocked scan with its backward written out, about 6x
+        faster than "scan" to train on CPU at T = 256), "scan" (the O(T log T) associative scan) or
+        "recurrent" (the loop, the reference); same outputs, states and gradients. One-token calls
+        always use the loop.
 
     Initialisation: theta_j = 10000^(-2 j / D), as in the authors' code (periods from 2 pi up to
     ~1e9 steps); W_o is scaled by 1 / sqrt(2 n_layers), GPT-2 style. No biases (fla has none).
@@ -108,7 +110,7 @@ class HGRN(nn.Module):
     """
 
     def __init__(self, d_model: int, *, layer_idx: int = 0, n_layers: int = 1, use_complex: bool = True,
-                 norm_order: str = "gate_then_norm", lower_bound: str = "fixed", mode: str = "scan"):
+                 norm_order: str = "gate_then_norm", lower_bound: str = "fixed", mode: str = "blocked"):
         super().__init__()
         if norm_order not in NORM_ORDERS:
             raise ValueError(f"norm_order must be one of {NORM_ORDERS}, got {norm_order!r}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .scan import linear_recurrence_scan
+from .scan import linear_recurrence, linear_recurrence_scan
 
 Result = tuple[Tensor, Tensor | None]
 
@@ -71,4 +71,12 @@ def hgrn_scan(x, log_f, *, initial_state=None, output_final_state=False) -> Resu
     return h.to(out_dtype), (h[:, -1] if output_final_state else None)
 
 
-HGRN_MODES = {"recurrent": hgrn_recurrent, "scan": hgrn_scan}
+def hgrn_blocked(x, log_f, *, initial_state=None, output_final_state=False) -> Result:
+    """The blocked linear scan of ops/scan.py (loops inside blocks, a scan across them) with its
+    backward pass written out: O(T D) work, the training default (fewer passes than hgrn_scan)."""
+    x, log_f, h0, out_dtype = _prepare(x, log_f, initial_state)
+    h = linear_recurrence(torch.exp(log_f), x, h0)
+    return h.to(out_dtype), (h[:, -1] if output_final_state else None)
+
+
+HGRN_MODES = {"recurrent": hgrn_recurrent, "scan": hgrn_scan, "blocked": hgrn_blocked}
