@@ -1,0 +1,94 @@
+"""Training speed of every model of a grid, side by side in one run: forward + backward + AdamW step of
+the language model at the grid's size, tokens/s, the ratio to the Transformer, and the model FLOP
+utilisation (6 x parameters x tokens/s over the float32 GEMM rate measured in the same run; the
+mixers' own sequence FLOPs are not counted, so recurrent and attention mixers are both understated).
+
+    python benchmarks/bench_train.py --threads 1                    # the leaderboard's models
+    python benchmarks/bench_train.py --threads 2 --grid configs/grids/lm_board.toml --steps 5
+    python benchmarks/bench_train.py --only hgrn --set model.mixer_options.mode=scan   # one mode against another
+
+Each model is built as the grid's LM runs build it (its mixer, options and MLP width, the grid's
+d_model, layers, batch and sequence length); batches are random bytes, the same for every model.
+The leaderboard's tokens/s column comes from the training runs themselves, under whatever load the
+machine had; the ratios here, measured one after another in one quiet process, are the ones that hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import median_time, print_table, write_csv  # noqa: E402
+
+from gateloop.bench import gemm_gflops  # noqa: E402
+from gateloop.checkpoint import build_model  # noqa: E402
+from gateloop.config import load_config  # noqa: E402
+from gateloop.grid import LM, load_grid  # noqa: E402
+from gateloop.train import make_optimizer  # noqa: E402
+
+
+def cells(grid_path: str) -> list[tuple[str, list[str]]]:
+    """(cell name, overrides) of each cell's first LM run, the learning rate aside (it costs nothing)."""
+    grid = load_grid(grid_path)
+    seen: dict[str, list[str]] = {}
+    for run in grid.runs:
+        if run.task == LM and run.cell not in seen:
+            seen[run.cell] = [s for s in run.sets if not s.startswith(("train.lr=", "train.threads="))]
+    return list(seen.items())
+
+
+def step_time(overrides: list[str], repeat: int) -> tuple[float, int, int]:
+    """Median seconds of one training step, the parameter count and the tokens per step."""
+    cfg = load_config(None, overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    optimizer = make_optimizer(model, cfg.train)
+    tc = cfg.train
+    x = torch.randint(0, cfg.model.vocab_size, (tc.batch_size, tc.seq_len + 1))
+
+    def step():
+        logits, _ = model(x[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = median_time(step, warmup=2, repeat=repeat, budget_s=60.0)
+    return seconds, sum(p.numel() for p in model.parameters()), tc.batch_size * tc.seq_len
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--grid", default="configs/grids/lm_board_lr.toml",
+                        help="the grid whose LM cells to time (default: the leaderboard's sweep, which "
+                             "lists every board model whatever the state of its results)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per model (the median is reported)")
+    parser.add_argument("--only", nargs="+", help="time only these cells")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key for every model, e.g. model.mixer_options.mode=scan")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    gemm = gemm_gflops()
+    rows = []
+    for name, overrides in cells(args.grid):
+        if args.only and name not in args.only:
+            continue
+        seconds, params, tokens = step_time(overrides + args.set, args.steps)
+        rows.append(dict(model=name, parameters=params, step_ms=seconds * 1e3, tokens_per_s=tokens / seconds,
+                         mfu_percent=100 * 6 * params * tokens / seconds / (gemm * 1e9)))
+        print(f"{name}: {tokens / seconds:,.0f} tokens/s", file=sys.stderr, flush=True)
+    base = next((r["tokens_per_s"] for r in rows if r["model"] == "transformer"), None)
+    for r in rows:
+        r["vs_transformer"] = r["tokens_per_s"] / base if base else float("nan")
+    print(f"threads {args.threads}; float32 GEMM {gemm:.1f} GFLOP/s; grid {args.grid}")
+    print_table(rows)
+    print(f"csv: {write_csv(rows, f'bench_train_t{args.threads}.csv')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
