@@ -97,8 +97,8 @@ class HGRN(nn.Module):
         norm and W_o on D channels instead of 2 D).
       norm_order: "gate_then_norm" (default, the paper's) or "norm_then_gate" (fla's).
       lower_bound: "fixed" (default), "learned" or "none": how gamma is held, see ForgetGate.
-      mode: "blocked" (the default: the O(T) blocked scan with its backward written out, about 6x
-        faster than "scan" to train on CPU at T = 256), "scan" (the O(T log T) associative scan) or
+      mode: "blocked" (the default: the O(T) blocked scan with its backward written out, the faster
+        one to train on CPU: benchmarks/bench_train.py), "scan" (the O(T log T) associative scan) or
         "recurrent" (the loop, the reference); same outputs, states and gradients. One-token calls
         always use the loop.
 
