@@ -102,6 +102,43 @@ def _literal(value: Any) -> str:
     return repr(value)
 
 
+def _expand_cell(path: Path, cell: dict, lr, grid_seeds: list, tasks: list[str]) -> list[tuple]:
+    """One cell's (cell name, label, group, seeds, overrides, tasks), one per combination of its swept
+    values: `lr` (a number, or a list to sweep) and `vary` (key -> list of values)."""
+    where = f"cell {cell['name']!r}"
+    if unknown := set(cell) - CELL_KEYS:
+        _fail(path, f"{where}: unknown key(s) {', '.join(sorted(unknown))}; a cell has {', '.join(sorted(CELL_KEYS))}")
+    seeds = cell.get("seeds", grid_seeds)
+    if not isinstance(seeds, list) or not seeds or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        _fail(path, f"{where}: seeds must be a non-empty list of non-negative integers, got {seeds!r}")
+    cell_tasks = cell.get("tasks", tasks)
+    if not isinstance(cell_tasks, list) or set(cell_tasks) - set(tasks):
+        _fail(path, f"{where}: tasks must be a list of the grid's tasks ({', '.join(tasks)})")
+    options, vary = cell.get("options", {}), cell.get("vary", {})
+    if not isinstance(options, dict):
+        _fail(path, f"{where}: options must be a table of the mixer's options")
+    if not isinstance(vary, dict) or not all(isinstance(v, list) and v for v in vary.values()):
+        _fail(path, f"{where}: vary must be a table of key = [values]")
+    sets = [f"model.mixer={cell['mixer']}"] if "mixer" in cell else []
+    sets += [f"model.mixer_options.{k}={_literal(v)}" for k, v in options.items()]
+    sets += _strings(path, f"{where}: set", cell.get("set", []))
+    if lr is not None:
+        lrs = lr if isinstance(lr, list) else [lr]
+        if not lrs or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in lrs):
+            _fail(path, f"{where}: lr must be a positive number or a list of them, got {lr!r}")
+        if isinstance(lr, list):
+            vary = {"train.lr": lrs, **vary}
+        else:
+            sets.append(f"train.lr={_literal(float(lr))}")
+    out = []
+    for combo in itertools.product(*vary.values()):
+        swept = [f"{k}={_literal(v)}" for k, v in zip(vary, combo)]
+        label = " ".join([cell["name"], *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(vary, combo))])
+        out.append((cell["name"], label, str(cell.get("group", "")), seeds, sets + swept, cell_tasks))
+    return out
+
+
 def load_grid(path: str | Path, overrides: list[str] = (), n_seeds: int | None = None,
               results_root: Path = Path("results")) -> Grid:
     """Read and check a grid file; every run it describes, in order: seed by seed, cell by cell, task by
@@ -152,35 +189,13 @@ def load_grid(path: str | Path, overrides: list[str] = (), n_seeds: int | None =
         if not found:
             _fail(path, f"lr_from: no grid file {raw['lr_from']!r}")
         sweep = load_grid(found[0], results_root=results_root)
-    expanded = []  # (cell name, label, group, seeds, sets, tasks)
-    names = set()
+    expanded, names = [], set()
     for i, cell in enumerate(cells):
         if not isinstance(cell, dict) or not isinstance(cell.get("name"), str) or not cell["name"]:
             _fail(path, f"cell {i + 1} needs a name")
-        where = f"cell {cell['name']!r}"
         if cell["name"] in names:
             _fail(path, f"two cells are named {cell['name']!r}")
         names.add(cell["name"])
-        if unknown := set(cell) - CELL_KEYS:
-            _fail(path, f"{where}: unknown key(s) {', '.join(sorted(unknown))}; a cell has "
-                  f"{', '.join(sorted(CELL_KEYS))}")
-        cell_seeds = cell.get("seeds", seeds)
-        if not isinstance(cell_seeds, list) or not cell_seeds or not all(
-                isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in cell_seeds):
-            _fail(path, f"{where}: seeds must be a non-empty list of non-negative integers, got {cell_seeds!r}")
-        cell_tasks = cell.get("tasks", list(tasks))
-        if not isinstance(cell_tasks, list) or set(cell_tasks) - set(tasks):
-            _fail(path, f"{where}: tasks must be a list of the grid's tasks ({', '.join(tasks)})")
-        options = cell.get("options", {})
-        if not isinstance(options, dict):
-            _fail(path, f"{where}: options must be a table of the mixer's options")
-        sets = [f"model.mixer={cell['mixer']}"] if "mixer" in cell else []
-        sets += [f"model.mixer_options.{k}={_literal(v)}" for k, v in options.items()]
-        sets += _strings(path, f"{where}: set", cell.get("set", []))
-        # Swept keys: `lr` (a number or a list) and `vary` (key -> list); one run per combination.
-        vary = dict(cell.get("vary", {}))
-        if not isinstance(vary, dict) or not all(isinstance(v, list) and v for v in vary.values()):
-            _fail(path, f"{where}: vary must be a table of key = [values]")
         lr = cell.get("lr", raw.get("lr"))
         if lr is None and sweep is not None:
             lr = best_lr(sweep, results_root / sweep.name, cell["name"])
@@ -188,19 +203,8 @@ def load_grid(path: str | Path, overrides: list[str] = (), n_seeds: int | None =
                 print(f"{path}: cell {cell['name']!r} left out: its learning-rate sweep in {sweep.path} has not "
                       "finished", file=sys.stderr)
                 continue
-        if lr is not None:
-            lrs = lr if isinstance(lr, list) else [lr]
-            if not lrs or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in lrs):
-                _fail(path, f"{where}: lr must be a positive number or a list of them, got {lr!r}")
-            if isinstance(lr, list):
-                vary = {"train.lr": lrs, **vary}
-            else:
-                sets.append(f"train.lr={_literal(float(lr))}")
-        for combo in itertools.product(*vary.values()):
-            swept = [f"{k}={_literal(v)}" for k, v in zip(vary, combo)]
-            label = " ".join([cell["name"], *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(vary, combo))])
-            expanded.append((cell["name"], label, str(cell.get("group", "")), cell_seeds[:n_seeds], sets + swept,
-                             cell_tasks))
+        expanded += _expand_cell(path, cell, lr, seeds, list(tasks))
+    expanded = [(*e[:3], e[3][:n_seeds], *e[4:]) for e in expanded]  # --seeds N: the first N
 
     runs = []
     for i in range(max((len(e[3]) for e in expanded), default=0)):
