@@ -150,8 +150,7 @@ def test_bad_sets_on_resume_leave_the_run_untouched(item, other, run, capsys):
     assert snapshot(run) == before
 
 
-@pytest.mark.parametrize("device", ["cuda:x", "cpu:", "cuda:-1", "cuda:99", "mps" if not
-                                    torch.backends.mps.is_available() else "cuda:x"])
+@pytest.mark.parametrize("device", ["cuda:x", "cpu:", "cuda:-1", "cuda:99", "mps", "meta"])
 def test_devices_that_do_not_exist(device, run, capsys):
     """Devices the config's pattern lets through but this machine has not: one line, exit 2, no run made
     (and `eval --device` takes the same path)."""

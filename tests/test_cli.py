@@ -79,6 +79,8 @@ def test_resume_continues_to_more_steps(corpus, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["step"] == 6
     assert main(["train", "--resume", str(out), "--set", "model.d_model=8"]) == 2
     assert "only train.*" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--out", str(tmp_path / "elsewhere")]) == 2
+    assert "drop --out" in capsys.readouterr().err and not (tmp_path / "elsewhere").exists()
 
 
 def bad(capsys, *argv):

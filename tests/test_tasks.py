@@ -147,3 +147,14 @@ def test_cli_task_run_and_its_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("gateloop: error: ") for line in err)
     assert "already exists" in err[0] and "unknown task 'nope'" in err[1] and "task.n_numbers" in err[2]
+
+
+def test_a_task_run_restores_the_thread_count(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    cfg = load_task_config(None, ["task.name=memory_horizon", *TINY_TASK["memory_horizon"],
+                                  *[t for t in TINY if not t.startswith("train.threads")], f"train.threads={wanted}"])
+    train_task(cfg, tmp_path / "run", progress=False)
+    assert torch.get_num_threads() == before

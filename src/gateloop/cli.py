@@ -29,6 +29,9 @@ def cmd_train(args) -> int:
         changed = {item.partition("=")[0].split(".")[0] for item in args.set}
         if args.config or changed - {"train"}:
             raise UserError("--resume continues a run with its own config: only train.* keys may be --set")
+        if args.out:
+            raise UserError("--resume continues the run in its own directory: drop --out (or drop --resume "
+                            "to start a new run there)")
         cfg = load_config(None, args.set, base=RunConfig.from_dict({k: saved[k] for k in ("model", "data", "train")}))
         out = Path(args.resume)
     else:

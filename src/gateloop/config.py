@@ -101,8 +101,9 @@ RULES = {
     ("train", "checkpoint_every"): (_POSITIVE, "positive"),
     ("train", "threads"): (_NON_NEGATIVE, "non-negative"),
     ("train", "dtype"): (lambda x: x in ("float32", "bfloat16"), "float32 or bfloat16"),
-    ("train", "device"): (lambda x: x == "auto" or x.split(":")[0] in ("cpu", "cuda", "mps"),
-                          "auto, cpu, cuda[:N] or mps"),
+    # Not MPS: RoPE, FoX's decay sums and GateLoop's attention mode compute in float64, which it lacks.
+    ("train", "device"): (lambda x: x == "auto" or x.split(":")[0] in ("cpu", "cuda"),
+                          "auto, cpu or cuda[:N] (MPS has no float64, which some mixers need)"),
     ("data", "tokenizer"): (lambda x: x in ("byte", "bpe"), "byte or bpe"),
     ("data", "bpe_vocab_size"): (lambda x: x >= 257, "at least 257"),
     ("data", "val_fraction"): (_FRACTION, "in (0, 1)"),

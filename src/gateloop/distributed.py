@@ -127,6 +127,7 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"train.device is {name!r} but no CUDA device is available")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"train.device is {name!r} but there are {torch.cuda.device_count()} CUDA devices")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"train.device is {name!r} but MPS is not available here")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"train.device {name!r}: only cpu and cuda are supported (MPS has no float64, "
+                        "which RoPE, FoX and GateLoop's attention mode use)")
     return device

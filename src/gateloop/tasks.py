@@ -227,8 +227,17 @@ def evaluate_accuracy(model, inputs: torch.Tensor, targets: torch.Tensor, *, bat
 
 
 def train_task(cfg: TaskRunConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
-    """Train a small model on cfg.task, writing the run directory out_dir; returns the final metrics."""
-    out_dir, tc = Path(out_dir), cfg.train
+    """Train a small model on cfg.task, writing the run directory out_dir; returns the final metrics.
+    torch's thread count (train.threads) is restored afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        return _train_task(cfg, Path(out_dir), progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_task(cfg: TaskRunConfig, out_dir: Path, progress: bool) -> dict:
+    tc = cfg.train
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir} already exists and is not empty: choose another --out")
     cfg = copy.deepcopy(cfg)

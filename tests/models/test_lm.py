@@ -88,3 +88,10 @@ def test_bad_config_and_tokens_are_named():
         LanguageModel(ModelConfig(norm="middle"))
     with pytest.raises(ValueError, match="tokens"):
         tiny()(torch.zeros(3, dtype=torch.long))
+
+
+def test_generating_no_tokens_returns_the_prompt_and_empty_logits():
+    model = tiny("gateloop")
+    prompt = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(0))
+    out, seen = model.generate(prompt, 0, return_logits=True)
+    assert torch.equal(out, prompt) and seen.shape == (2, 0, model.cfg.vocab_size)

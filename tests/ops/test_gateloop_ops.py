@@ -101,6 +101,12 @@ def test_chunk_sizes(chunk_size, case):
     check_against(run("chunk", leaves, chunk_size=chunk_size), expected, torch.float64, f"C={chunk_size}")
 
 
+def test_chunk_size_zero_is_an_error_not_the_default():
+    leaves, _ = reference(65, "complex-head", True)
+    with pytest.raises(ValueError, match="chunk_size must be positive, got 0"):
+        run("chunk", leaves, chunk_size=0)
+
+
 @pytest.mark.parametrize("split", [1, 30, 64, 99])
 @pytest.mark.parametrize("mode", ["recurrent", *FAST_MODES])
 def test_split_sequence_carries_state(mode, split):

@@ -103,7 +103,7 @@ class LanguageModel(nn.Module):
         out = torch.cat(tokens, dim=1)
         if not return_logits:
             return out
-        return out, (torch.stack(seen, dim=1) if seen else logits[:, None, :0].expand(-1, 0, logits.shape[-1]))
+        return out, (torch.stack(seen, dim=1) if seen else logits.new_empty(logits.shape[0], 0, logits.shape[-1]))
 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None, generator=None) -> Tensor:

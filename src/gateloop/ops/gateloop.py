@@ -345,7 +345,7 @@ def gateloop_chunk(q, k, v, log_a, *, initial_state=None, output_final_state=Fal
     V = v.shape[-1]
     per_head = log_a.shape[-1] == 1
     is_complex = log_a.is_complex()
-    C = chunk_size or _default_chunk_size(K, per_head)
+    C = _default_chunk_size(K, per_head) if chunk_size is None else chunk_size
     if C < 1:
         raise ValueError(f"chunk_size must be positive, got {C}")
     N = -(-T // C)
