@@ -219,3 +219,21 @@ def test_sigterm_stops_the_grid_and_the_next_call_resumes(corpus, tmp_path):
 
     first = grid.runs[0]
     assert "--resume" in _commands(first, first.run_dir(runs / "tiny"))[0]
+
+
+def test_a_result_made_under_other_mixer_defaults_is_stale(finished):
+    from gateloop.grid import is_done
+
+    path, results, _, _ = finished
+    run = next(r for r in load_grid(path).runs if r.cell == "transformer")
+    assert is_done(run, results)
+    result_path = run.result_path(results)
+    original = result_path.read_text()
+    result = json.loads(original)
+    assert result["mixer_defaults"]["rope_base"] == 10000.0
+    try:
+        result["mixer_defaults"]["rope_base"] = 500.0  # as if the default had changed since the run
+        result_path.write_text(json.dumps(result))
+        assert not is_done(run, results)
+    finally:
+        result_path.write_text(original)

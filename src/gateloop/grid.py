@@ -16,6 +16,7 @@ its last checkpoint (LM runs) or starts again (task runs).
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import math
@@ -257,10 +258,25 @@ def read_result(path: Path) -> dict | None:
         return None
 
 
+def mixer_defaults(mixer: str) -> dict[str, Any]:
+    """The default options of a mixer's constructor, as JSON values: a run's unset options."""
+    from .layers import MIXERS
+
+    if mixer not in MIXERS:
+        return {}
+    params = inspect.signature(MIXERS[mixer]).parameters.values()
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty
+                and p.name not in ("layer_idx", "n_layers")}
+    return json.loads(json.dumps(defaults, default=str))
+
+
 def is_done(run: Run, results: Path) -> bool:
-    """A result exists and was made with exactly this run's overrides (else it is stale: run again)."""
+    """A result exists, made with exactly this run's overrides and under the mixer's current defaults
+    (else it is stale, and runs again: a default that changed changes what an unset option meant)."""
     result = read_result(run.result_path(results))
-    return result is not None and result.get("sets") == list(run.sets)
+    if result is None or result.get("sets") != list(run.sets):
+        return False
+    return result.get("mixer_defaults", mixer_defaults(result["mixer"])) == mixer_defaults(result["mixer"])
 
 
 # --- running ---------------------------------------------------------------------------------------
@@ -346,7 +362,8 @@ def _collect(run: Run, run_dir: Path, stdout: str, wall: float) -> dict:
     model, train = config["model"], config["train"]
     result = {"grid_cell": run.cell, "label": run.label, "task": run.task, "mixer": model["mixer"],
               "mixer_options": model["mixer_options"], "seed": run.seed, "lr": train["lr"],
-              "steps": train["steps"], "threads": run.threads, "sets": list(run.sets)}
+              "steps": train["steps"], "threads": run.threads, "sets": list(run.sets),
+              "mixer_defaults": mixer_defaults(model["mixer"])}
     if run.task == LM:
         final = next(r for r in reversed(rows) if r.get("final"))
         scores = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
