@@ -3,7 +3,7 @@ over sequence lengths, for the paper's max-headed case and for multi-head; achie
 FLOPs are countable, beside a large float32 GEMM timed in the same run. No peers needed (they live in
 benchmarks/, see docs/performance.md). Importable: benchmarks/bench_modes.py builds on it.
 
-Method (design/BENCHMARKS.md): warm up, repeat, report the median; the same thread count for
+Method (docs/design.md, "Measuring speed"): warm up, repeat, report the median; the same thread count for
 everything in a run; a ratio measured side by side in one run is the figure that holds.
 """
 

@@ -131,7 +131,7 @@ def add_task_commands(sub) -> None:
     task = sub.add_parser("task", help="train a small model on a synthetic task (memory_horizon, mqar, "
                           "selective_copy) and score it").add_subparsers(dest="task_command", required=True)
     p = task.add_parser("run", help="train on one task; writes metrics.json and learning_curve.png")
-    p.add_argument("name", help="memory_horizon, mqar or selective_copy (BENCHMARKS.md)")
+    p.add_argument("name", help="memory_horizon, mqar or selective_copy (docs/tasks.md)")
     p.add_argument("--config", help="TOML file with [model], [train], [task] tables (e.g. configs/tasks/*.toml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one key, e.g. model.mixer=hgrn, task.seq_len=64, train.steps=200 (repeatable)")

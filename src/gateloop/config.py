@@ -1,6 +1,6 @@
 """Run configuration: typed dataclasses, filled from TOML files and `--set key=value` overrides.
 
-    cfg = load_config("configs/x.toml", ["model.d_model=128", "train.steps=500"])
+    cfg = load_config("my.toml", ["model.d_model=128", "train.steps=500"])
 
 Keys are grouped as model.*, data.*, train.* (and model.mixer_options.* for the mixer's own
 options). An unknown key, a wrong type or an out-of-range number raises UserError naming the key.

@@ -1,6 +1,6 @@
 """Pictures of trained task models: GateLoop's surrogate attention and its transitions; learning curves.
 
-GateLoop read as attention (MODELS.md section 1, mode 3): with L_t = sum_{j<=t} log a_j,
+GateLoop read as attention (src/gateloop/ops/README.md, the attention mode): with L_t = sum_{j<=t} log a_j,
 
     y_t = sum_{s<=t} A[t, s] v_s,   A[t, s] = Re( q_t^T diag(exp(L_t - L_s)) k_s )   per head,
 

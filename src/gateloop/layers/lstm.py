@@ -1,6 +1,6 @@
 """The LSTM mixer (Greff et al. 2015, "LSTM: A Search Space Odyssey", arXiv 1503.04069): the vanilla
 LSTM with peepholes or one of its eight variants, around the loop of ops/lstm.py
-(MODELS.md section 6): the sequential baseline the parallel mixers are measured against."""
+(docs/models/lstm.md): the sequential baseline the parallel mixers are measured against."""
 
 from __future__ import annotations
 

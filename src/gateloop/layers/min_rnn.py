@@ -1,5 +1,5 @@
 """The minGRU and minLSTM mixers (Feng et al. 2024, "Were RNNs All We Needed?", arXiv 2410.01201):
-projections to the gates and the candidate around the ops of ops/min_rnn.py (MODELS.md section 3)."""
+projections to the gates and the candidate around the ops of ops/min_rnn.py (docs/models/min_rnn.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Miras (Behrouz et al. 2025, arXiv 2504.13173; MODELS.md section 5): Moneta, Yaad and Memora, mixers
+"""Miras (Behrouz et al. 2025, arXiv 2504.13173; docs/models/miras.md): Moneta, Yaad and Memora, mixers
 whose state is a deep memory trained at test time, around the ops in ops/miras.py. EXPERIMENTAL: no
 official code exists; docs/models/miras.md lists every choice made here."""
 

@@ -14,7 +14,7 @@ KVCache = tuple[Tensor, Tensor]
 
 
 class Attention(nn.Module):
-    """Multi-head causal softmax attention with rotary positions (MODELS.md section 7).
+    """Multi-head causal softmax attention with rotary positions (docs/models/transformer.md).
 
     H = d_model / head_dim heads; scaled_dot_product_attention with the default 1/sqrt(head_dim).
     The state is the KV cache (k, v), each [B, H, S, head_dim], keys stored already rotated; its

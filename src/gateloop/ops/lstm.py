@@ -1,5 +1,5 @@
 """LSTM with peepholes and the eight variants of Greff et al. 2015, "LSTM: A Search Space Odyssey"
-(arXiv 1503.04069; MODELS.md section 6). The recurrence is non-linear in its state, so there is no
+(arXiv 1503.04069; docs/models/lstm.md). The recurrence is non-linear in its state, so there is no
 scan or chunked form: one loop over time is the op. Only the input projection W x_t + b, done by the
 caller as one matmul over all steps (x_proj), is parallel.
 

@@ -1,5 +1,5 @@
-"""Miras (Behrouz et al. 2025): a deep memory trained at test time, chunk by chunk (MODELS.md section 5,
-docs/models/miras.md for the equations and every choice the paper left open). EXPERIMENTAL.
+"""Miras (Behrouz et al. 2025): a deep memory trained at test time, chunk by chunk (docs/models/miras.md
+for the equations and every choice the paper left open). EXPERIMENTAL.
 
 The memory, per (batch element, head), maps a key dim Dh to the same Dh (the residual needs K = V):
 
