@@ -1,10 +1,10 @@
 """Refresh the grid tables in the docs from results/: every block
 
-    <!-- report: configs/grids/NAME.toml -->
+    <!-- report: GRID_FILE -->
     ...
     <!-- end report -->
 
-is replaced by `gateloop grid configs/grids/NAME.toml --report` (a bare opening marker gets its end).
+is replaced by `gateloop grid GRID_FILE --report` (a bare opening marker gets its end).
 
     python benchmarks/refresh_reports.py docs/leaderboard.md
 """
