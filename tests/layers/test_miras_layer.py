@@ -93,7 +93,10 @@ def test_state_contents(name):
         assert state[key].shape == (2, H, Fh, Dh)
     _, at_boundary = mixer(x[:, :12])  # 12 tokens: three whole chunks, nothing pending
     assert at_boundary["n"] == 0
-    assert torch.equal(at_boundary["w1"], at_boundary["u1"]) and torch.equal(at_boundary["w1"], state["w1"])
+    assert torch.equal(at_boundary["w1"], at_boundary["u1"])
+    # The same chunk-start weights as the 13-token call's, up to rounding: the projections of 12 and
+    # of 13 rows may take different matrix-multiply blockings.
+    assert_close_rms(at_boundary["w1"], state["w1"], what="chunk-start weights")
     if name == "memora":
         for key, axis in (("w1", -1), ("u1", -1), ("w2", -2), ("u2", -2)):
             W = state[key].exp()
