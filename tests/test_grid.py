@@ -215,10 +215,10 @@ def test_sigterm_stops_the_grid_and_the_next_call_resumes(corpus, tmp_path):
     assert "SIGTERM" in log  # the trainer's own message: checkpoint saved
     # The next call resumes it (a shorter budget keeps the test quick: train.* may change on resume).
     grid = load_grid(path, n_seeds=1)
-    from gateloop.grid import _commands
+    from gateloop.grid import run_commands
 
     first = grid.runs[0]
-    assert "--resume" in _commands(first, first.run_dir(runs / "tiny"))[0]
+    assert "--resume" in run_commands(first, first.run_dir(runs / "tiny"))[0]
 
 
 def test_a_result_made_under_other_mixer_defaults_is_stale(finished):

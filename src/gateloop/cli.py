@@ -168,12 +168,12 @@ def cmd_grid(args) -> int:
             print(f"plot: {args.plot}", file=sys.stderr)
         return 0
     if args.dry_run:
-        from .grid import _commands, is_done
+        from .grid import is_done, run_commands
 
         for run in grid.runs:
             state = "done" if is_done(run, results) else "to run"
             print(f"# {run.task} {run.label} seed {run.seed}: {state}")
-            for cmd in _commands(run, run.run_dir(Path(args.runs) / grid.name)):
+            for cmd in run_commands(run, run.run_dir(Path(args.runs) / grid.name)):
                 print(" ".join(cmd[2:]))
         return 0
     failed = run_grid(grid, results, Path(args.runs) / grid.name, jobs=args.jobs, progress=not args.no_progress)

@@ -281,7 +281,8 @@ def is_done(run: Run, results: Path) -> bool:
 
 # --- running ---------------------------------------------------------------------------------------
 
-def _commands(run: Run, run_dir: Path) -> list[list[str]]:
+def run_commands(run: Run, run_dir: Path) -> list[list[str]]:
+    """The child processes of one run, in order: train (or resume), then score on the test split."""
     gateloop = [sys.executable, "-m", "gateloop"]
     if run.task != LM:
         cmd = [*gateloop, "task", "run", run.task, "--no-progress", "--out", str(run_dir)]
@@ -322,7 +323,7 @@ def execute(run: Run, runs: Path, results: Path) -> dict:
     start = time.perf_counter()
     outputs = []
     with open(log, "a") as f:
-        for cmd in _commands(run, run_dir):
+        for cmd in run_commands(run, run_dir):
             f.write("$ " + " ".join(cmd) + "\n")
             f.flush()
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=f, text=True, env=env)
