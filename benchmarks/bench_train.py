@@ -29,7 +29,7 @@ from gateloop.bench import gemm_gflops  # noqa: E402
 from gateloop.checkpoint import build_model  # noqa: E402
 from gateloop.config import load_config  # noqa: E402
 from gateloop.grid import LM, load_grid  # noqa: E402
-from gateloop.train import make_optimizer  # noqa: E402
+from gateloop.optim import make_optimizer  # noqa: E402
 
 
 def cells(grid_path: str) -> list[tuple[str, list[str]]]:

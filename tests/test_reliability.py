@@ -26,7 +26,9 @@ from gateloop import checkpoint as ckpt
 from gateloop.cli import main
 from gateloop.config import load_config
 from gateloop.errors import UserError
-from gateloop.train import MAX_BAD_STEPS, _stop_requests, train
+from gateloop.layers import MIXERS
+from gateloop.loop import MAX_BAD_STEPS, stop_requests
+from gateloop.train import train
 
 STEPS = 24
 TINY = {"model.d_model": 16, "model.n_layers": 1, "train.steps": STEPS, "train.batch_size": 4,
@@ -141,7 +143,7 @@ def test_resume_after_a_kill_is_bitwise_the_uninterrupted_run(corpus, reference,
 def test_a_second_ctrl_c_quits_at_once(capsys):
     """The first SIGINT is a request the training loop polls (it saves, then stops); a second one
     raises KeyboardInterrupt, for a user who will not wait for the checkpoint."""
-    with _stop_requests(signal.SIGTERM, signal.SIGINT) as stop:
+    with stop_requests(signal.SIGTERM, signal.SIGINT, announce="saving a checkpoint, then stopping") as stop:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.01)  # the handler runs in the main thread at the next bytecode
         assert stop == [signal.SIGINT]
@@ -315,16 +317,13 @@ def test_non_finite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoin
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-SMALL_HEADS = {"transformer": 8, "hgrn2": 8, "fox": 8}  # head_dim options that fit d_model=32
-
-
-@pytest.mark.parametrize("mixer", sorted(__import__("gateloop").MIXERS))
+@pytest.mark.parametrize("mixer", sorted(MIXERS))
 def test_bfloat16_autocast_training_tracks_float32(mixer, corpus, tmp_path):
     """Every mixer trains 30 steps under bfloat16 autocast (train.dtype=bfloat16; the layers run their
     recurrences in float32) with no skipped step, and its train loss stays within 0.05 nats of the
     float32 run's at every step, its final validation loss within 0.05. Measured on this corpus:
     gateloop 0.011 (train) / 0.002 (val); the others 0.0005 to 0.003 / 0.0004 to 0.0015."""
-    options = {"model.mixer_options.head_dim": SMALL_HEADS[mixer]} if mixer in SMALL_HEADS else {}
+    options = {f"model.mixer_options.{k}": json.dumps(v) for k, v in MIXERS[mixer].test_options[0].items()}
     common = {"model.mixer": mixer, "model.d_model": 32, "train.steps": 30, "train.eval_every": 100, **options}
     final, loss = {}, {}
     for dtype in ("float32", "bfloat16"):
@@ -374,3 +373,21 @@ def test_a_failing_compile_falls_back_to_eager(corpus, tmp_path, monkeypatch, ca
     out = capsys.readouterr().out
     assert "train.compile: torch.compile failed (RuntimeError: no C++ compiler found); training eagerly" in out
     assert fallback == eager
+
+
+def test_acp_logs_the_pruned_fraction_and_tracks_the_unpruned_run(corpus, tmp_path):
+    """FoX with Adaptive Computation Pruning: every train row logs acp_pruned_fraction, and the loss
+    curve tracks the same seed without ACP (the pruned softmax mass per row is bounded by eps). At
+    init the forget gates are sigma(0) = 1/2 per token, so tiles more than a few blocks back fall
+    below eps = e^-10: at seq_len 64 in tiles of 8, a good share is pruned."""
+    fox = {"model.mixer": "fox", "model.mixer_options.head_dim": 8, "model.mixer_options.block_size": 8,
+           "train.seq_len": 64, "train.steps": 4}
+    train(tiny_cfg(corpus, **fox), tmp_path / "exact", progress=False)
+    train(tiny_cfg(corpus, **fox, **{"model.mixer_options.log_pruning_tolerance": -10.0}), tmp_path / "acp",
+          progress=False)
+    exact, pruned = (ckpt.read_metrics(tmp_path / name) for name in ("exact", "acp"))
+    rows = [r for r in pruned if "train_loss" in r]
+    assert len(rows) == 4 and all(0.2 < r["acp_pruned_fraction"] < 1 for r in rows), rows
+    assert not any("acp_pruned_fraction" in r for r in exact)
+    for a, b in zip((r["train_loss"] for r in exact if "train_loss" in r), (r["train_loss"] for r in rows)):
+        assert abs(a - b) < 1e-4

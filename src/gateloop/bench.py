@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .ops import GATELOOP_MODES
-from .ops.gateloop import _default_chunk_size
+from .ops.gateloop import default_chunk_size
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def chunk_flops(B: int, T: int, shape: Shape, *, complex_: bool = True, chunk_si
     so forward+backward counts 3x. The dense products as executed do 2 C^2 (K + V) for the first two
     terms: the masked upper half is work done but not counted.
     """
-    C = chunk_size or _default_chunk_size(shape.K, shape.Kd == 1)
+    C = chunk_size or default_chunk_size(shape.K, shape.Kd == 1)
     P = 2 if complex_ else 1
     n_chunks = -(-T // C)
     per_chunk = C * (C + 1) * (shape.K + shape.V) + 4 * C * P * shape.K * shape.V
@@ -90,7 +90,7 @@ def memory_estimate(mode: str, B: int, T: int, shape: Shape) -> float:
         return 16 * B * H * (Kd + 1) * T * T + 64 * B * T * H * K
     if mode in ("scan", "recurrent"):
         return 48 * B * T * H * K * V + 64 * B * T * H * K
-    C = _default_chunk_size(K, Kd == 1)
+    C = default_chunk_size(K, Kd == 1)
     return 4 * 8 * B * T * H * (C * Kd + 4 * K * V / C + 4 * K)
 
 

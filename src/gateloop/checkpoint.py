@@ -39,7 +39,7 @@ from safetensors import SafetensorError
 from .config import RunConfig
 from .data import load_tokenizer, save_tokenizer
 from .errors import UserError
-from .fileio import _fsync_dir, atomic_write_bytes, atomic_write_text
+from .fileio import fsync_dir, atomic_write_bytes, atomic_write_text
 from .models import LanguageModel, ModelConfig
 
 CONFIG, WEIGHTS, TRAINER_STATE, METRICS, LOSS_PLOT = (
@@ -95,7 +95,7 @@ def create_run_dir(run_dir: Path, write: Callable[[Path], None]) -> None:
             os.replace(tmp, run_dir)
         except OSError as e:  # someone filled run_dir meanwhile
             raise UserError(f"cannot create the run directory {run_dir}: {e.strerror}") from None
-        _fsync_dir(run_dir.parent)
+        fsync_dir(run_dir.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -133,7 +133,14 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     if tokenizer.vocab_size > cfg.model.vocab_size:  # its ids would fall outside the embedding
         raise UserError(f"{run_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                         f"{cfg.model.vocab_size}")
-    model = build_model(cfg.model)
+    return load_model(run_dir, cfg.model, device), tokenizer, cfg
+
+
+def load_model(run_dir: Path, cfg: ModelConfig, device: str | torch.device = "cpu") -> LanguageModel:
+    """The model cfg describes with run_dir's saved weights, in eval mode on device (a language-model
+    run or a task run: both save model.safetensors); UserError if the weights are missing, corrupt
+    or do not fit."""
+    model = build_model(cfg)
     if not (run_dir / WEIGHTS).exists():
         raise UserError(f"{run_dir} has no {WEIGHTS}: the run saved no weights yet")
     try:
@@ -141,7 +148,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     except SafetensorError as e:
         raise UserError(f"{run_dir / WEIGHTS} is corrupt: {e}") from None
     load_weights(model, weights, str(run_dir / WEIGHTS))
-    return model.to(device).eval(), tokenizer, cfg
+    return model.to(device).eval()
 
 
 def build_model(cfg: ModelConfig) -> LanguageModel:

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UserError
+from .errors import StopRequested, UserError
 from .fileio import atomic_write_text
 
 RUNS = Path("runs")
@@ -22,7 +22,7 @@ LATEST = RUNS / "latest"
 def cmd_train(args) -> int:
     from .checkpoint import read_config
     from .config import RunConfig, load_config
-    from .train import Stopped, train
+    from .train import train
 
     if args.resume:
         saved = read_config(args.resume)
@@ -37,11 +37,7 @@ def cmd_train(args) -> int:
     else:
         cfg = load_config(args.config, args.set)
         out = Path(args.out) if args.out else RUNS / f"{cfg.model.mixer}-{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
-        train(cfg, out, resume=bool(args.resume), progress=not args.no_progress)
-    except Stopped as e:  # SIGTERM: a checkpoint was saved; exit as a process killed by it would
-        print(f"gateloop: {e}", file=sys.stderr)
-        return 128 + e.signum
+    train(cfg, out, resume=bool(args.resume), progress=not args.no_progress)  # a StopRequested: main's
     # Keep runs/latest pointing at the newest run (under torchrun, rank 0 alone writes).
     if out.parent.resolve() == RUNS.resolve() and os.environ.get("RANK", "0") == "0":
         LATEST.unlink(missing_ok=True)
@@ -53,7 +49,8 @@ def cmd_eval(args) -> None:
     import torch
 
     from .checkpoint import load_run
-    from .train import evaluate, prepare_data, resolve_device
+    from .distributed import resolve_device
+    from .train import evaluate, prepare_data
 
     if any(n < 1 for n in args.context or []) or args.max_tokens < 0:
         raise UserError("--context must be positive and --max-tokens >= 0")
@@ -86,7 +83,7 @@ def cmd_generate(args) -> None:
     import torch
 
     from .checkpoint import load_run
-    from .train import resolve_device
+    from .distributed import resolve_device
 
     if args.max_new_tokens < 0 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
         raise UserError("--max-new-tokens and --temperature must be >= 0, --top-k >= 1")
@@ -113,15 +110,15 @@ def cmd_task_run(args) -> None:
     out = Path(args.out) if args.out else RUNS / f"task-{cfg.task.name}-{cfg.model.mixer}-{stamp}"
     train_task(cfg, out, progress=not args.no_progress)
     if args.viz:
-        from .viz import viz_attention_run
+        from .attention_map import run_attention_map
 
-        print(f"attention map: {viz_attention_run(out)}")
+        print(f"attention map: {run_attention_map(out)}")
 
 
 def cmd_viz_attention(args) -> None:
-    from .viz import viz_attention_run
+    from .attention_map import run_attention_map
 
-    out = viz_attention_run(args.run, args.out, layer=args.layer, n_heads=args.heads, seq_len=args.seq_len,
+    out = run_attention_map(args.run, args.out, layer=args.layer, n_heads=args.heads, seq_len=args.seq_len,
                             index=args.index)
     print(f"attention map: {out}")
 
@@ -273,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"gateloop: error: {e}", file=sys.stderr)
         return 2
+    except StopRequested as e:  # SIGTERM / Ctrl-C between two steps (a checkpoint saved where there is one)
+        print(f"gateloop: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("gateloop: interrupted", file=sys.stderr)
         return 130

@@ -75,9 +75,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        cfg = cls()
-        for key, value in _flatten(d):
-            _assign(cfg, key, value)
+        cfg = apply(cls(), d)
         validate(cfg)
         return cfg
 
@@ -130,39 +128,51 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
                 base: RunConfig | None = None) -> RunConfig:
     """base (default: the defaults), then the TOML file (if any), then each `key=value` override, validated."""
     cfg = copy.deepcopy(base) if base is not None else RunConfig()
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise UserError(f"cannot read config file {path}: {e.strerror}") from None
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"config file {path} is not valid TOML: {e}") from None
-        for key, value in _flatten(data):
-            _assign(cfg, key, value)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--set expects key=value, got {item!r}")
-        _assign(cfg, key.strip(), _parse_value(raw.strip()))
+    apply(cfg, read_toml(path) if path is not None else {}, overrides)
     validate(cfg)
     return cfg
 
 
-def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+# The machinery below serves any config made of sections (dataclasses) of typed fields, such as
+# RunConfig here and TaskRunConfig in tasks.py: keys are "section.field".
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def apply(cfg, data: dict[str, Any], overrides: list[str] = ()):
+    """Set the nested table data ({"model": {"d_model": 1}}), then each `key=value`, on cfg; returns
+    cfg. Each value is type-checked (UserError naming the key); ranges are the caller's to validate."""
+    for key, value in flatten(data):
+        assign(cfg, key, value)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects key=value, got {item!r}")
+        assign(cfg, key.strip(), parse_value(raw.strip()))
+    return cfg
+
+
+def flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
     """{"model": {"d_model": 1}} -> [("model.d_model", 1)]; mixer_options stays one dict value."""
     out = []
     for key, value in d.items():
         full = f"{prefix}{key}"
         if isinstance(value, dict) and full != "model.mixer_options":
-            out += _flatten(value, full + ".")
+            out += flatten(value, full + ".")
         else:
             out.append((full, value))
     return out
 
 
-def _parse_value(raw: str) -> Any:
+def parse_value(raw: str) -> Any:
     """A --set value read as a TOML literal (1, 0.5, true, "x", [1, 2]); anything else is a string."""
     try:
         return tomllib.loads(f"v = {raw}")["v"]
@@ -170,7 +180,8 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
-def _assign(cfg: RunConfig, key: str, value: Any) -> None:
+def assign(cfg, key: str, value: Any) -> None:
+    """cfg.<section>.<field> = value, type-checked; model.mixer_options.<name> sets one mixer option."""
     parts = key.split(".")
     if parts[:2] == ["model", "mixer_options"]:
         if len(parts) == 2:
@@ -180,17 +191,19 @@ def _assign(cfg: RunConfig, key: str, value: Any) -> None:
         else:
             cfg.model.mixer_options[".".join(parts[2:])] = value
         return
-    if len(parts) != 2 or parts[0] not in ("model", "data", "train"):
-        raise UserError(f"unknown config key {key!r}: keys look like model.d_model, data.corpus, train.steps")
+    sections = [f.name for f in dataclasses.fields(cfg)]
+    if len(parts) != 2 or parts[0] not in sections:
+        examples = ", ".join(f"{s}.{dataclasses.fields(getattr(cfg, s))[0].name}" for s in sections)
+        raise UserError(f"unknown config key {key!r}: keys look like {examples}")
     section = getattr(cfg, parts[0])
     fields = {f.name: f for f in dataclasses.fields(section)}
     if parts[1] not in fields:
         raise UserError(f"unknown config key {key!r}; {parts[0]}.* keys are: {', '.join(fields)}")
     hint = typing.get_type_hints(type(section))[parts[1]]
-    setattr(section, parts[1], _coerce(key, value, hint))
+    setattr(section, parts[1], coerce(key, value, hint))
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
+def coerce(key: str, value: Any, hint: Any) -> Any:
     """value checked against the field's type: ints widen to floats, "none" clears optional fields."""
     args = typing.get_args(hint)
     optional = type(None) in args

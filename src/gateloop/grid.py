@@ -162,7 +162,7 @@ def load_grid(path: str | Path, overrides: list[str] = (), n_seeds: int | None =
     tasks = raw.get("tasks", {LM: {}})
     if not isinstance(tasks, dict) or not tasks:
         _fail(path, "tasks must be a table of tables, e.g. [tasks.lm] or [tasks.memory_horizon]")
-    from .data.tasks import TASKS
+    from .data.synthetic import TASKS
 
     for task, spec in tasks.items():
         if task != LM and task not in TASKS:
@@ -260,14 +260,20 @@ def read_result(path: Path) -> dict | None:
 
 def mixer_defaults(mixer: str) -> dict[str, Any]:
     """The default options of a mixer's constructor, as JSON values: a run's unset options."""
-    from .layers import MIXERS
+    from .layers import resolve_mixer
 
-    if mixer not in MIXERS:
+    try:
+        params = inspect.signature(resolve_mixer(mixer)).parameters.values()
+    except ValueError:  # not a mixer: the run itself will say so
         return {}
-    params = inspect.signature(MIXERS[mixer]).parameters.values()
     defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty
                 and p.name not in ("layer_idx", "n_layers")}
     return json.loads(json.dumps(defaults, default=str))
+
+
+# Options that choose how a mixer computes, not what: its modes are tested to agree to rounding, so
+# a new default mode (a faster path) does not make a result stale.
+HOW_TO_COMPUTE = ("mode", "chunk_size")
 
 
 def is_done(run: Run, results: Path) -> bool:
@@ -276,7 +282,10 @@ def is_done(run: Run, results: Path) -> bool:
     result = read_result(run.result_path(results))
     if result is None or result.get("sets") != list(run.sets):
         return False
-    return result.get("mixer_defaults", mixer_defaults(result["mixer"])) == mixer_defaults(result["mixer"])
+    current = mixer_defaults(result["mixer"])
+    recorded = result.get("mixer_defaults", current)
+    return ({k: v for k, v in recorded.items() if k not in HOW_TO_COMPUTE}
+            == {k: v for k, v in current.items() if k not in HOW_TO_COMPUTE})
 
 
 # --- running ---------------------------------------------------------------------------------------

@@ -6,12 +6,12 @@ the tables and plots are remade from the repository on any machine.
 
 from __future__ import annotations
 
-import io
 import statistics
 from pathlib import Path
 
-from .fileio import atomic_write_bytes
+from .errors import UserError
 from .grid import LM, Grid, Run, grid_results
+from .plots import pyplot, save_png
 
 
 def spread(values: list[float], digits: int = 3) -> str:
@@ -115,16 +115,10 @@ def plot(grid: Grid, results: Path, path: Path) -> None:
     """One row of panels per task: the learning curve against tokens (or steps) and against training
     time, mean over seeds with the min-max band; the final score per model with its std as error bar;
     for the language model, the test loss at each position of the longest context."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = grid_results(grid, results)
     tasks = list(dict.fromkeys(r.task for r, _ in rows))
     if not tasks:
-        from .errors import UserError
-
         raise UserError(f"no finished runs of {grid.name} in {results}: nothing to plot")
     fig, axes = plt.subplots(len(tasks), 4, figsize=(22, 4.8 * len(tasks)), squeeze=False)
     cmap = plt.get_cmap("tab20")
@@ -173,7 +167,4 @@ def plot(grid: Grid, results: Path, path: Path) -> None:
                 ax.set_ylim(bottom - 0.05, bottom + 1.5)
     fig.suptitle(f"grid {grid.name}")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(fig, path, dpi=100)

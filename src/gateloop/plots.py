@@ -1,4 +1,6 @@
-"""Plots written into run directories (matplotlib, headless)."""
+"""Figures of training metrics (matplotlib, headless), each written atomically as PNG: the loss
+curves of a run directory, a task run's learning curve, the loss at each position of a window.
+pyplot() and save_png() serve every other figure of the package (the grid's, attention maps)."""
 
 from __future__ import annotations
 
@@ -8,13 +10,27 @@ from pathlib import Path
 from .fileio import atomic_write_bytes
 
 
-def plot_losses(rows: list[dict], path: Path, title: str = "") -> None:
-    """Training loss per logged step and validation loss per evaluation, saved atomically as PNG."""
+def pyplot():
+    """matplotlib.pyplot with the headless Agg backend (imported on first use: matplotlib is slow)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_png(fig, path: Path, dpi: int = 110) -> None:
+    plt = pyplot()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_losses(rows: list[dict], path: Path, title: str = "") -> None:
+    """Training loss per logged step and validation loss per evaluation (a language-model run)."""
+    plt = pyplot()
     train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -26,21 +42,34 @@ def plot_losses(rows: list[dict], path: Path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(fig, path)
+
+
+def plot_learning_curve(rows: list[dict], path: Path, title: str = "") -> None:
+    """Training loss (left axis) and test accuracy (right axis) against step (a task run)."""
+    plt = pyplot()
+    loss = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
+    acc = [(r["step"], r["test_accuracy"]) for r in rows if "test_accuracy" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if loss:
+        ax.plot(*zip(*loss), color="tab:blue", alpha=0.8, label="train loss")
+    ax.set(xlabel="step", ylabel="train loss (nats/token)", title=title)
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    if acc:
+        ax2.plot(*zip(*acc), color="tab:red", marker="o", label="test accuracy")
+    ax2.set(ylabel="test accuracy", ylim=(0, 1.02))
+    fig.legend(loc="center right", bbox_to_anchor=(0.85, 0.5))
+    fig.tight_layout()
+    save_png(fig, path)
 
 
 def plot_per_position(curves: dict[str, list[float]], path: Path, title: str = "", smooth: int = 16) -> None:
     """Loss against position (log x), one line per curve, each a running mean over `smooth`
-    positions (one window's positions are noisy); saved atomically as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    positions (one window's positions are noisy)."""
     import numpy as np
 
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, losses in curves.items():
         y = np.asarray(losses, dtype=float)
@@ -52,7 +81,4 @@ def plot_per_position(curves: dict[str, list[float]], path: Path, title: str = "
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(fig, path)

@@ -19,29 +19,24 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import sys
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import RULES, _assign, _coerce, _flatten, _parse_value
-from .data import tasks as gen
-from .errors import UserError
+from . import distributed
+from .config import RULES, apply, read_toml
+from .data import synthetic
+from .errors import StopRequested, UserError
 from .fileio import atomic_write_text
+from .loop import torch_threads, train_steps
 from .models.config import ModelConfig
-from .train import lr_at, make_optimizer, resolve_device
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from .optim import make_optimizer
+from .plots import plot_learning_curve
 
 LENGTH_FACTOR = 4  # memory_horizon is also scored at this many times the training length
 METRICS_JSON, CURVE_PLOT = "metrics.json", "learning_curve.png"
@@ -49,7 +44,7 @@ METRICS_JSON, CURVE_PLOT = "metrics.json", "learning_curve.png"
 
 @dataclass
 class TaskConfig:
-    """Which task, its generator's parameters (None: the generator's default, see data/tasks.py)
+    """Which task, its generator's parameters (None: the generator's default, see data/synthetic.py)
     and the sizes of the data sets. A parameter of another task than `name` may not be set."""
 
     name: str = "memory_horizon"  # memory_horizon | mqar | selective_copy
@@ -66,7 +61,7 @@ class TaskConfig:
 
     def params(self) -> dict[str, Any]:
         """The generator's keyword arguments that were set: {"seq_len": 64, ...}."""
-        own = gen.task_defaults(self.name)
+        own = synthetic.task_defaults(self.name)
         return {k: v for k, v in dataclasses.asdict(self).items() if k in own and v is not None}
 
 
@@ -84,6 +79,7 @@ class TaskTrainConfig:
     seed: int = 0  # model initialisation and data (train set: seed 2s, test set: 2s + 1)
     eval_every: int = 100  # test accuracy every this many steps (the learning curve)
     log_every: int = 10
+    dtype: str = "float32"  # or "bfloat16" (autocast, as in `gateloop train`)
     device: str = "auto"
     threads: int = 0
 
@@ -103,47 +99,16 @@ class TaskRunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TaskRunConfig:
-        cfg = cls()
-        for key, value in _flatten(d):
-            _set(cfg, key, value)
+        cfg = apply(cls(), d)
         validate_task_config(cfg)
         return cfg
 
 
 def load_task_config(path: str | Path | None = None, overrides: list[str] = ()) -> TaskRunConfig:
     """Defaults, then the TOML file (tables [model], [train], [task]), then each `key=value`, validated."""
-    cfg = TaskRunConfig()
-    if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except OSError as e:
-            raise UserError(f"cannot read config file {path}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"config file {path} is not valid TOML: {e}") from None
-        for key, value in _flatten(data):
-            _set(cfg, key, value)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--set expects key=value, got {item!r}")
-        _set(cfg, key.strip(), _parse_value(raw.strip()))
+    cfg = apply(TaskRunConfig(), read_toml(path) if path is not None else {}, overrides)
     validate_task_config(cfg)
     return cfg
-
-
-def _set(cfg: TaskRunConfig, key: str, value: Any) -> None:
-    """model.* and train.* go through config.py's checks; task.* is checked here the same way."""
-    section = key.split(".")[0]
-    if section in ("model", "train"):
-        _assign(cfg, key, value)
-        return
-    parts = key.split(".")
-    if section != "task" or len(parts) != 2:
-        raise UserError(f"unknown config key {key!r}: task run keys look like task.name, model.mixer, train.steps")
-    hints = typing.get_type_hints(TaskConfig)
-    if parts[1] not in hints:
-        raise UserError(f"unknown config key {key!r}; task.* keys are: {', '.join(hints)}")
-    setattr(cfg.task, parts[1], _coerce(key, value, hints[parts[1]]))
 
 
 def validate_task_config(cfg: TaskRunConfig) -> None:
@@ -152,9 +117,9 @@ def validate_task_config(cfg: TaskRunConfig) -> None:
         if section == "train" and name in train_fields and not ok(getattr(cfg.train, name)):
             raise UserError(f"train.{name} must be {what}, got {getattr(cfg.train, name)!r}")
     t = cfg.task
-    if t.name not in gen.TASKS:
-        raise UserError(f"task.name: unknown task {t.name!r}; choose one of {', '.join(gen.TASKS)}")
-    own = gen.task_defaults(t.name)
+    if t.name not in synthetic.TASKS:
+        raise UserError(f"task.name: unknown task {t.name!r}; choose one of {', '.join(synthetic.TASKS)}")
+    own = synthetic.task_defaults(t.name)
     for f in dataclasses.fields(TaskConfig):
         value = getattr(t, f.name)
         if f.default is None and value is not None:  # a generator parameter that was set
@@ -165,10 +130,10 @@ def validate_task_config(cfg: TaskRunConfig) -> None:
     if t.n_train < 0 or t.n_test < 1:
         raise UserError(f"task.n_train must be >= 0 and task.n_test >= 1, got {t.n_train} and {t.n_test}")
     try:
-        gen.TASKS[t.name](1, **t.params(), seed=0)  # the generator's own checks of its parameters
+        synthetic.TASKS[t.name](1, **t.params(), seed=0)  # the generator's own checks of its parameters
     except ValueError as e:
         raise UserError(f"task: {e}") from None
-    cfg.model.vocab_size = gen.vocab_size(t.name, **t.params())
+    cfg.model.vocab_size = synthetic.vocab_size(t.name, **t.params())
     try:
         cfg.model.validate()
     except ValueError as e:
@@ -185,16 +150,16 @@ class TaskData:
 
 def make_task_data(cfg: TaskRunConfig) -> TaskData:
     t, seed = cfg.task, cfg.train.seed
-    make, params = gen.TASKS[t.name], t.params()
+    make, params = synthetic.TASKS[t.name], t.params()
     n_train = t.n_train or cfg.train.steps * cfg.train.batch_size
     train = make(n_train, **params, seed=2 * seed)
-    *test, overlap = gen.drop_overlap(train[0], *make(t.n_test, **params, seed=2 * seed + 1))
+    *test, overlap = synthetic.drop_overlap(train[0], *make(t.n_test, **params, seed=2 * seed + 1))
     if not len(test[0]):
         raise UserError(f"every test sequence of {t.name} also occurs in training: the task is too small "
                         "to test generalisation (raise task.seq_len or the vocabulary)")
     test_long = None
     if t.name == "memory_horizon":
-        full = {**gen.task_defaults(t.name), **params}
+        full = {**synthetic.task_defaults(t.name), **params}
         test_long = make(t.n_test, **{**params, "seq_len": full["seq_len"] * LENGTH_FACTOR,
                                       "max_resets": full["max_resets"] * LENGTH_FACTOR}, seed=2 * seed + 1)
     return TaskData(train, tuple(test), overlap, test_long)
@@ -214,26 +179,31 @@ def batch_index(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_accuracy(model, inputs: torch.Tensor, targets: torch.Tensor, *, batch_size: int, device) -> float:
-    """Per-token accuracy on the scored positions, each sequence from an empty state."""
+def evaluate_accuracy(model, inputs: torch.Tensor, targets: torch.Tensor, *, batch_size: int, device,
+                      autocast_dtype: torch.dtype | None = None) -> float:
+    """Per-token accuracy on the scored positions, each sequence from an empty state. The model's
+    train / eval mode is restored afterwards."""
+    was_training = model.training
     model.eval()
     correct = scored = 0
+    device = torch.device(device)
     for i in range(0, len(inputs), batch_size):
-        logits, _ = model(inputs[i:i + batch_size].to(device))
-        c, s = gen.accuracy(logits, targets[i:i + batch_size].to(device))
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits, _ = model(inputs[i:i + batch_size].to(device))
+        c, s = synthetic.accuracy(logits, targets[i:i + batch_size].to(device))
         correct, scored = correct + c, scored + s
-    model.train()
+    model.train(was_training)
     return correct / max(scored, 1)
 
 
 def train_task(cfg: TaskRunConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
     """Train a small model on cfg.task, writing the run directory out_dir; returns the final metrics.
-    torch's thread count (train.threads) is restored afterwards."""
-    threads = torch.get_num_threads()
-    try:
+    torch's thread count (train.threads) is restored afterwards. One process: a task run is small
+    enough that torchrun would only add overhead, so it is refused."""
+    if distributed.world_size_from_env() > 1:
+        raise UserError("gateloop task run trains in one process: run it without torchrun")
+    with torch_threads(cfg.train.threads):
         return _train_task(cfg, Path(out_dir), progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train_task(cfg: TaskRunConfig, out_dir: Path, progress: bool) -> dict:
@@ -242,9 +212,9 @@ def _train_task(cfg: TaskRunConfig, out_dir: Path, progress: bool) -> dict:
         raise UserError(f"{out_dir} already exists and is not empty: choose another --out")
     cfg = copy.deepcopy(cfg)
     validate_task_config(cfg)  # also sets model.vocab_size from the task
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    device = resolve_device(tc.device)
+    dist = distributed.Dist(device=distributed.resolve_device(tc.device))
+    device = dist.device
+    autocast_dtype = torch.bfloat16 if tc.dtype == "bfloat16" else None
     torch.manual_seed(tc.seed)
     data = make_task_data(cfg)
     model = ckpt.build_model(cfg.model).to(device)
@@ -266,35 +236,31 @@ def _train_task(cfg: TaskRunConfig, out_dir: Path, progress: bool) -> dict:
             f.write(json.dumps({**row, "seconds": round(time.perf_counter() - start, 3)}) + "\n")
 
     def test_accuracy() -> float:
-        return evaluate_accuracy(model, *data.test, batch_size=tc.batch_size, device=device)
+        return evaluate_accuracy(model, *data.test, batch_size=tc.batch_size, device=device,
+                                 autocast_dtype=autocast_dtype)
+
+    def batch_at(step: int):
+        index = batch_index(step, tc.batch_size, len(x_train), tc.seed)
+        return x_train[index].to(device), y_train[index].to(device)
+
+    def loss_of(logits, y):
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=synthetic.IGNORE)
 
     model.train()
-    bar = tqdm(total=tc.steps, disable=not progress, unit="step", dynamic_ncols=True)
-    for step in range(tc.steps):
-        index = batch_index(step, tc.batch_size, len(x_train), tc.seed)
-        x, y = x_train[index].to(device), y_train[index].to(device)
-        lr = lr_at(step, tc)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        logits, _ = model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=gen.IGNORE)
-        if not torch.isfinite(loss):
-            raise UserError(f"non-finite loss at step {step} of {cfg.task.name}: try a lower train.lr")
-        loss.backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.update(1)
-        done = step + 1
-        if done % tc.log_every == 0 or done == tc.steps:
-            log({"step": done, "train_loss": loss.item(), "lr": lr})
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        if done % tc.eval_every == 0 and done < tc.steps:
-            acc = test_accuracy()
-            log({"step": done, "test_accuracy": acc})
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}", refresh=False)
-    bar.close()
+    try:
+        for s in train_steps(model, model, optimizer, tc, batch_at, loss_of, dist=dist,
+                             autocast_dtype=autocast_dtype, progress=progress):
+            if s.skipped:
+                log({"step": s.step, "skipped": s.skipped})
+            elif s.log:
+                log({"step": s.step, "train_loss": s.loss, "lr": s.lr})
+            if s.step % tc.eval_every == 0 and s.step < tc.steps:
+                acc = test_accuracy()
+                log({"step": s.step, "test_accuracy": acc})
+                s.bar.set_postfix(loss=f"{s.loss:.3f}", acc=f"{acc:.3f}", refresh=False)
+    except StopRequested as stop:  # a task run keeps no checkpoint: it is quick to run again
+        raise StopRequested(stop.signum, stop.step, f"a task run does not resume: run it again (the curve so "
+                                                    f"far is in {out_dir})") from None
     train_seconds = time.perf_counter() - start
 
     metrics = {"task": cfg.task.name, "mixer": cfg.model.mixer, "mixer_options": cfg.model.mixer_options,
@@ -303,12 +269,10 @@ def _train_task(cfg: TaskRunConfig, out_dir: Path, progress: bool) -> dict:
                "test_overlap_removed": data.overlap, "train_seconds": round(train_seconds, 1)}
     if data.test_long is not None:
         metrics["test_accuracy_4x"] = evaluate_accuracy(model, *data.test_long, batch_size=tc.batch_size,
-                                                        device=device)
+                                                        device=device, autocast_dtype=autocast_dtype)
     log({"step": tc.steps, "test_accuracy": metrics["test_accuracy"], "final": True})
     ckpt.save_weights(out_dir, model)
     atomic_write_text(out_dir / METRICS_JSON, json.dumps(metrics, indent=2) + "\n")
-    from .viz import plot_learning_curve
-
     plot_learning_curve(ckpt.read_metrics(out_dir), out_dir / CURVE_PLOT,
                         title=f"{cfg.task.name}: {cfg.model.mixer} {_options_label(cfg.model.mixer_options)}")
     extra = f", at {LENGTH_FACTOR}x length {metrics['test_accuracy_4x']:.4f}" if data.test_long is not None else ""
@@ -322,9 +286,6 @@ def _options_label(options: dict) -> str:
 
 def load_task_run(run_dir: str | Path, device="cpu"):
     """(model in eval mode, TaskRunConfig) from a task run directory; UserError if anything is off."""
-    import safetensors.torch
-    from safetensors import SafetensorError
-
     run_dir = Path(run_dir)
     if not (run_dir / ckpt.CONFIG).exists():
         raise UserError(f"{run_dir} is not a task run directory: it has no {ckpt.CONFIG}")
@@ -335,12 +296,4 @@ def load_task_run(run_dir: str | Path, device="cpu"):
     if not isinstance(blob, dict) or set(blob) != {"model", "train", "task"}:
         raise UserError(f"{run_dir / ckpt.CONFIG} is not a task run config (made by `gateloop task run`)")
     cfg = TaskRunConfig.from_dict(blob)
-    model = ckpt.build_model(cfg.model)
-    if not (run_dir / ckpt.WEIGHTS).exists():
-        raise UserError(f"{run_dir} has no {ckpt.WEIGHTS}: the run did not finish")
-    try:
-        weights = safetensors.torch.load((run_dir / ckpt.WEIGHTS).read_bytes())
-    except SafetensorError as e:
-        raise UserError(f"{run_dir / ckpt.WEIGHTS} is corrupt: {e}") from None
-    ckpt.load_weights(model, weights, str(run_dir / ckpt.WEIGHTS))
-    return model.to(device).eval(), cfg
+    return ckpt.load_model(run_dir, cfg.model, device), cfg

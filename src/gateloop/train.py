@@ -1,11 +1,11 @@
 """Training and evaluation of a language model: train(cfg, out_dir) -> metrics. No globals.
 
-One readable loop: deterministic batches (drawn from a generator seeded by (seed, step), so a
-resumed run sees exactly the batches an uninterrupted one would), AdamW with warmup and cosine
-decay, per-parameter learning-rate scales (`p.lr_scale`, e.g. GateLoop's transitions), gradient
-clipping, skipped non-finite steps, periodic evaluation and atomic checkpoints. The same loop runs
-as one process or as N under torchrun (distributed.py): each rank takes its block of the global
-batch, DDP averages gradients, rank 0 writes. SIGTERM or Ctrl-C saves a checkpoint and stops (Stopped).
+Deterministic batches (drawn from a generator seeded by (seed, step), so a resumed run sees
+exactly the batches an uninterrupted one would) go through the step loop shared with task runs
+(loop.py: AdamW with warmup and cosine decay from optim.py, gradient clipping, skipped non-finite
+steps); around it, periodic evaluation and atomic checkpoints. The same code runs as one process or
+as N under torchrun (distributed.py): each rank takes its block of the global batch, DDP averages
+gradients, rank 0 writes. SIGTERM or Ctrl-C saves a checkpoint and stops (Stopped).
 
 Resume is exact: on CPU with a fixed number of threads, a run stopped (SIGTERM, or SIGKILL after a
 checkpoint) and resumed ends with bitwise the parameters and the loss curve of an uninterrupted
@@ -14,12 +14,8 @@ run; on GPU, within float32 tolerance unless torch's deterministic algorithms ar
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +29,11 @@ from . import distributed
 from .config import RunConfig
 from .data import (build_tokenizer, document_texts, encode_splits, load_corpus, load_tokenizer,
                    split_documents, unigram_bits_per_byte)
-from .distributed import resolve_device  # noqa: F401  (part of this module's interface: cli uses it)
-from .errors import UserError
+from .errors import StopRequested, UserError
 from .fileio import atomic_write_text
+from .loop import torch_threads, train_steps
+from .optim import make_optimizer
 from .plots import plot_losses
-
-MAX_BAD_STEPS = 5  # consecutive non-finite losses before the run stops
 
 
 @dataclass
@@ -120,59 +115,13 @@ def evaluate(model, ids: torch.Tensor, tokenizer, *, seq_len: int, batch_size: i
     return metrics
 
 
-def lr_at(step: int, cfg) -> float:
-    """Linear warmup, then cosine decay from lr to lr * min_lr_ratio at the last step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
-def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
-    """AdamW with one group per (lr_scale, decayed?): matrices decay, vectors (norms, biases) do not."""
-    groups: dict[tuple[float, bool], list] = {}
-    for p in model.parameters():
-        if p.requires_grad:
-            groups.setdefault((getattr(p, "lr_scale", 1.0), p.dim() >= 2), []).append(p)
-    param_groups = [{"params": ps, "lr_scale": scale, "weight_decay": cfg.weight_decay if decay else 0.0}
-                    for (scale, decay), ps in sorted(groups.items())]
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.95))
-
-
-class Stopped(Exception):
-    """A signal (SIGTERM, SIGINT) stopped training after a checkpoint was saved; the CLI exits 128 + signum."""
+class Stopped(StopRequested):
+    """A signal (SIGTERM, SIGINT) stopped training after a checkpoint was saved."""
 
     def __init__(self, signum: int, step: int, out_dir: Path):
-        self.signum, self.step, self.out_dir = signum, step, out_dir
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved in {out_dir}: "
-                         f"continue with `gateloop train --resume {out_dir}`")
-
-
-@contextlib.contextmanager
-def _stop_requests(*signums: int, announce: bool = True):
-    """Yields a list that the given signals append to (instead of killing the process), for the loop
-    to poll between steps; a second SIGINT (Ctrl-C) raises KeyboardInterrupt, for a user who will not
-    wait. Handlers can only be set from the main thread; elsewhere nothing is caught."""
-    requested: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield requested
-        return
-
-    def request(signum, frame):
-        if signum == signal.SIGINT:
-            if requested:  # a second Ctrl-C: stop at once, without a checkpoint
-                raise KeyboardInterrupt
-            if announce:  # under torchrun every rank gets the Ctrl-C; rank 0 says so
-                print("\ngateloop: interrupted: saving a checkpoint, then stopping (Ctrl-C again: quit without one)",
-                      file=sys.stderr, flush=True)
-        requested.append(signum)
-
-    previous = {s: signal.signal(s, request) for s in signums}
-    try:
-        yield requested
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        super().__init__(signum, step, f"checkpoint saved in {out_dir}: continue with `gateloop train --resume "
+                                       f"{out_dir}`")
+        self.out_dir = out_dir
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
@@ -183,17 +132,14 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, progress
     out_dir's trainer_state.pt with the same batches, learning rates and optimizer state as an
     uninterrupted run.
     """
-    threads = torch.get_num_threads()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    dist = distributed.init(cfg.train.device)
-    try:
-        metrics = _train(cfg, Path(out_dir), resume, progress, dist)
-        dist.barrier()
-        return metrics
-    finally:
-        dist.close()
-        torch.set_num_threads(threads)
+    with torch_threads(cfg.train.threads):
+        dist = distributed.init(cfg.train.device)
+        try:
+            metrics = _train(cfg, Path(out_dir), resume, progress, dist)
+            dist.barrier()
+            return metrics
+        finally:
+            dist.close()
 
 
 def _open_run(cfg: RunConfig, out_dir: Path, resume: bool) -> tuple[Data, dict | None]:
@@ -241,7 +187,7 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, progress: bool, dist: di
     cfg.model.vocab_size = data.tokenizer.vocab_size
     model = ckpt.build_model(cfg.model).to(device)
     optimizer = make_optimizer(model, tc)
-    step, bad_steps = 0, 0
+    step = 0
     if state is not None:
         step = _restore(state, model, optimizer, str(out_dir / ckpt.TRAINER_STATE))
         del state
@@ -283,68 +229,37 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, progress: bool, dist: di
             log({"step": step, "val_loss": result["loss"], "val_bpb": result["bits_per_byte"]})
         return result
 
+    def batch_at(step: int):
+        x, y = get_batch(data.ids["train"], tc.batch_size, tc.seq_len, tc.seed, step)
+        return dist.shard(x).to(device), dist.shard(y).to(device)
+
+    def loss_of(logits, y):
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
     model.train()
-    bar = tqdm(total=tc.steps, initial=step, disable=not (progress and main), unit="step", dynamic_ncols=True)
-    last_log, tokens_since = time.perf_counter(), 0
-    with _stop_requests(signal.SIGTERM, signal.SIGINT, announce=main) as stop:
-        while step < tc.steps:
-            x, y = (dist.shard(t).to(device) for t in get_batch(data.ids["train"], tc.batch_size, tc.seq_len,
-                                                               tc.seed, step))
-            lr = lr_at(step, tc)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits, _ = net(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            # One all-reduce: the global batch's loss, and whether any rank was asked to stop.
-            loss_sum, stops = dist.sum([loss.item(), float(bool(stop))])
-            if stops:
-                if main:
-                    ckpt.save_checkpoint(out_dir, cfg, data.tokenizer, model, optimizer, step)
-                bar.close()
-                raise Stopped(stop[0] if stop else signal.SIGTERM, step, out_dir)
-            loss_value = loss_sum / dist.world
-            skipped = None
-            if not math.isfinite(loss_value):
-                skipped = "non-finite loss"
-            else:
-                loss.backward()
-                # The norm of the averaged gradient, the same on every rank; inf means no clipping.
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
-                if torch.isfinite(norm):
-                    optimizer.step()
-                else:
-                    skipped = "non-finite gradient"
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            if skipped:
-                bad_steps += 1
-                log({"step": step, "skipped": skipped})
-                if main:
-                    tqdm.write(f"step {step}: {skipped} ({loss_value}), step skipped")
-                if bad_steps >= MAX_BAD_STEPS:
-                    bar.close()
-                    raise UserError(f"{bad_steps} non-finite steps in a row (the last at step {step}): stopping; the "
-                                    f"last good checkpoint in {out_dir} is kept (try a lower train.lr)")
-            else:
-                bad_steps = 0
-                tokens_since += tokens_per_step
-            if step % tc.log_every == 0 or step == tc.steps:
-                now = time.perf_counter()
-                tok_s = tokens_since / (now - last_log)
-                last_log, tokens_since = now, 0
-                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-                if not skipped:
-                    log({"step": step, "train_loss": loss_value, "lr": lr, "tokens_per_s": tok_s})
+    steps = train_steps(net, model, optimizer, tc, batch_at, loss_of, start=step, dist=dist,
+                        autocast_dtype=autocast_dtype, progress=progress,
+                        diverged=f"the last good checkpoint in {out_dir} is kept (try a lower train.lr)",
+                        on_interrupt="saving a checkpoint, then stopping")
+    try:
+        for s in steps:
+            step = s.step
+            if s.skipped:
+                log({"step": step, "skipped": s.skipped})
+            elif s.log:
+                log({"step": step, "train_loss": s.loss, "lr": s.lr, "tokens_per_s": s.tokens_per_s,
+                     **acp_stats(model)})
             if step % tc.eval_every == 0 and step < tc.steps:
                 result = run_eval(step)
                 if main:
                     tqdm.write(f"step {step}: val loss {result['loss']:.4f}, {result['bits_per_byte']:.4f} bits/byte")
             # No checkpoint inside a run of skipped steps: the last one before it stays the latest.
-            if main and ((step % tc.checkpoint_every == 0 and not bad_steps) or step == tc.steps):
+            if main and ((step % tc.checkpoint_every == 0 and not s.bad_steps) or step == tc.steps):
                 ckpt.save_checkpoint(out_dir, cfg, data.tokenizer, model, optimizer, step)
-    bar.close()
+    except StopRequested as stop:
+        if main:
+            ckpt.save_checkpoint(out_dir, cfg, data.tokenizer, model, optimizer, stop.step)
+        raise Stopped(stop.signum, stop.step, out_dir) from None
 
     result = run_eval(step, final=True)
     unigram = result["unigram_bits_per_byte"]
@@ -358,6 +273,14 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, progress: bool, dist: di
     say(f"validation: loss {metrics['val_loss']:.4f} nats/token, {metrics['val_bits_per_byte']:.4f} bits/byte "
         f"(unigram baseline {unigram:.4f} bits/byte) on {result['tokens']:,} tokens")
     return metrics
+
+
+def acp_stats(model: torch.nn.Module) -> dict[str, float]:
+    """{"acp_pruned_fraction": the share of the causal attention tiles (about the share of attention
+    FLOPs; tiles on the diagonal count whole) that Adaptive Computation Pruning skipped in the last
+    forward, the mean over the FoX layers that prune}; {} when none does."""
+    fractions = [m.pruned_fraction for m in model.modules() if getattr(m, "pruned_fraction", None) is not None]
+    return {"acp_pruned_fraction": sum(fractions) / len(fractions)} if fractions else {}
 
 
 def _data_parallel(model: torch.nn.Module, x: torch.Tensor, autocast_dtype) -> torch.nn.Module:

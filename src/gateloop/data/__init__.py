@@ -1,6 +1,6 @@
 """Data: text corpora and their splits, tokenizers, and the unigram baseline.
 
-The synthetic task generators (tasks.py) are a separate module of this package.
+The synthetic task generators (synthetic.py) are a separate module of this package.
 """
 
 from .corpora import (

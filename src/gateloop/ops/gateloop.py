@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fused import FusedScan, fused_scan_available
+from .gateloop_fused import FusedScan, fused_scan_available
 from .scan import linear_recurrence, scan_blocked
 
 Result = tuple[Tensor, Tensor | None]
@@ -191,7 +191,7 @@ def gateloop_scan(q, k, v, log_a, *, initial_state=None, output_final_state=Fals
     this runs the same recurrence as a blocked scan with O(T) work (scan.scan_blocked) inside one
     autograd Function with a hand-written backward (_GateLoopScan): on CPU several times faster. It
     is the fast path for the max-headed layer (K = V = 1), where every product is elementwise. On CPU
-    fused C++ kernels (ops/fused.py) replace it, for every head size, where they can be built.
+    fused C++ kernels (ops/gateloop_fused.py) replace it, for every head size, where they can be built.
     """
     dtype = v.dtype
     q, k, v, log_a, S0 = _prepare(q, k, v, log_a, initial_state)
@@ -297,7 +297,7 @@ def _intra_chunk_per_channel(q, k, v, rho, theta, c: int) -> Tensor:
     return (o_diag + o_off).reshape(B, N, H, C, -1)
 
 
-def _default_chunk_size(K: int, per_head: bool) -> int:
+def default_chunk_size(K: int, per_head: bool) -> int:
     """The intra-chunk part costs O(C (K + V)) per token in matrix products (plus O(C K), at most
     O(SUB_CHUNK K), elementwise for per-channel decays), the state passing O(K V) per chunk
     boundary: one decay per head gets chunks of 64 once K is large enough to amortise the products."""
@@ -330,7 +330,7 @@ def gateloop_chunk(q, k, v, log_a, *, initial_state=None, output_final_state=Fal
     """Chunked form, the training default: surrogate attention inside chunks of C steps, state
     passing between them. O(T C K + T K V), made of real matrix products.
 
-    chunk_size defaults by shape (see _default_chunk_size): the intra-chunk part costs O(C) per
+    chunk_size defaults by shape (see default_chunk_size): the intra-chunk part costs O(C) per
     token and the state passing O(K V / C), so small key dims want small chunks.
 
     Every product is real. With b = log of the decay from the chunk's start (rho + i theta) and
@@ -345,7 +345,7 @@ def gateloop_chunk(q, k, v, log_a, *, initial_state=None, output_final_state=Fal
     V = v.shape[-1]
     per_head = log_a.shape[-1] == 1
     is_complex = log_a.is_complex()
-    C = _default_chunk_size(K, per_head) if chunk_size is None else chunk_size
+    C = default_chunk_size(K, per_head) if chunk_size is None else chunk_size
     if C < 1:
         raise ValueError(f"chunk_size must be positive, got {C}")
     N = -(-T // C)

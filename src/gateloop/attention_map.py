@@ -1,4 +1,4 @@
-"""Pictures of trained task models: GateLoop's surrogate attention and its transitions; learning curves.
+"""Pictures of trained task models: GateLoop's surrogate attention and its transitions.
 
 GateLoop read as attention (src/gateloop/ops/README.md, the attention mode): with L_t = sum_{j<=t} log a_j,
 
@@ -12,7 +12,6 @@ transitions |a_t| and arg a_t of every channel over time.
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
@@ -20,43 +19,7 @@ import torch
 from torch import Tensor
 
 from .errors import UserError
-from .fileio import atomic_write_bytes
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    plt = _pyplot()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def plot_learning_curve(rows: list[dict], path: Path, title: str = "") -> None:
-    """Training loss (left axis) and test accuracy (right axis) against step, saved as PNG."""
-    plt = _pyplot()
-    loss = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
-    acc = [(r["step"], r["test_accuracy"]) for r in rows if "test_accuracy" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if loss:
-        ax.plot(*zip(*loss), color="tab:blue", alpha=0.8, label="train loss")
-    ax.set(xlabel="step", ylabel="train loss (nats/token)", title=title)
-    ax.grid(alpha=0.3)
-    ax2 = ax.twinx()
-    if acc:
-        ax2.plot(*zip(*acc), color="tab:red", marker="o", label="test accuracy")
-    ax2.set(ylabel="test accuracy", ylim=(0, 1.02))
-    fig.legend(loc="center right", bbox_to_anchor=(0.85, 0.5))
-    fig.tight_layout()
-    _save(fig, path)
+from .plots import pyplot, save_png
 
 
 @torch.no_grad()
@@ -113,7 +76,7 @@ def attention_map(model, tokens: Tensor, path: Path, *, layer: int = 0, n_heads:
     heads = pick_heads(A, log_a, n_heads)
     marks = torch.nonzero(resets).flatten().tolist() if resets is not None else []
 
-    plt = _pyplot()
+    plt = pyplot()
     cols = max(len(heads), 2)
     fig = plt.figure(figsize=(3.2 * cols, 6.4))
     grid = fig.add_gridspec(2, 2 * cols)
@@ -146,15 +109,15 @@ def attention_map(model, tokens: Tensor, path: Path, *, layer: int = 0, n_heads:
         title = f"{title}  (green lines: RESET tokens)".strip()
     fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
     return heads
 
 
-def viz_attention_run(run_dir: str | Path, out: str | Path | None = None, *, layer: int = 0, n_heads: int = 4,
+def run_attention_map(run_dir: str | Path, out: str | Path | None = None, *, layer: int = 0, n_heads: int = 4,
                       seq_len: int | None = None, index: int = 0) -> Path:
     """The attention map of a trained task run (`gateloop task run`) on a test sequence of its task
     (memory_horizon: resets marked), written to out (default: run_dir/attention.png)."""
-    from .data import tasks as gen
+    from .data import synthetic
     from .tasks import load_task_run
 
     if n_heads < 1 or index < 0 or (seq_len is not None and seq_len < 1):
@@ -164,13 +127,13 @@ def viz_attention_run(run_dir: str | Path, out: str | Path | None = None, *, lay
     if seq_len is not None:
         params["seq_len"] = seq_len
     try:
-        inputs, _ = gen.TASKS[cfg.task.name](index + 1, **params, seed=2 * cfg.train.seed + 1)
+        inputs, _ = synthetic.TASKS[cfg.task.name](index + 1, **params, seed=2 * cfg.train.seed + 1)
     except ValueError as e:
         raise UserError(f"--seq-len: {e}") from None
     tokens = inputs[index]
     resets = None
     if cfg.task.name == "memory_horizon":
-        resets = tokens == gen.vocab_size("memory_horizon", **params) - 1
+        resets = tokens == synthetic.vocab_size("memory_horizon", **params) - 1
     out = Path(out) if out else Path(run_dir) / "attention.png"
     options = " ".join(f"{k}={v}" for k, v in cfg.model.mixer_options.items())
     attention_map(model, tokens, out, layer=layer, n_heads=n_heads, resets=resets,

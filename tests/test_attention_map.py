@@ -11,7 +11,7 @@ from gateloop.errors import UserError
 from gateloop.layers import GateLoop
 from gateloop.ops import gateloop_recurrent
 from gateloop.tasks import load_task_config, train_task
-from gateloop.viz import surrogate_attention, viz_attention_run
+from gateloop.attention_map import run_attention_map, surrogate_attention
 
 TINY = ["model.d_model=16", "model.n_layers=2", "train.steps=3", "train.batch_size=4", "train.warmup_steps=1",
         "task.n_test=4", "task.seq_len=24", "train.threads=1"]
@@ -51,7 +51,7 @@ def run(tmp_path_factory):
 
 
 def test_viz_attention_writes_a_png(run, tmp_path, capsys):
-    out = viz_attention_run(run, tmp_path / "a.png", layer=1, n_heads=3, seq_len=40)
+    out = run_attention_map(run, tmp_path / "a.png", layer=1, n_heads=3, seq_len=40)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["viz", "attention", "--run", str(run)]) == 0
     assert (run / "attention.png").stat().st_size > 0 and "attention.png" in capsys.readouterr().out
@@ -59,10 +59,10 @@ def test_viz_attention_writes_a_png(run, tmp_path, capsys):
 
 def test_viz_attention_errors(run, tmp_path, capsys):
     with pytest.raises(UserError, match="--layer"):
-        viz_attention_run(run, tmp_path / "a.png", layer=5)
+        run_attention_map(run, tmp_path / "a.png", layer=5)
     other = tmp_path / "hgrn"
     train_task(load_task_config(None, [*TINY, "model.mixer=hgrn", "model.n_layers=1"]), other, progress=False)
     with pytest.raises(UserError, match="needs a GateLoop model"):
-        viz_attention_run(other)
+        run_attention_map(other)
     assert main(["viz", "attention", "--run", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.startswith("gateloop: error: ")
