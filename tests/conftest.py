@@ -1,4 +1,5 @@
-"""Shared test helpers: the one tolerance table and the comparison that uses it."""
+"""Shared test helpers: the tolerance table and comparison (from gateloop.testing), the one harness
+that compares a fast path with its reference (probe, assert_probes_close), a small corpus."""
 
 from __future__ import annotations
 
@@ -7,25 +8,8 @@ import random
 import pytest
 import torch
 
-# Relative RMS error allowed when a fast path is compared with its reference, by compute dtype.
-TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.complex128: 1e-10, torch.complex64: 1e-4}
-
-
-def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / ||expected|| (absolute RMS when expected is all zeros)."""
-    actual, expected = actual.detach().to(torch.complex128), expected.detach().to(torch.complex128)
-    err = (actual - expected).abs().pow(2).mean().sqrt()
-    scale = expected.abs().pow(2).mean().sqrt()
-    return (err / scale if scale > 0 else err).item()
-
-
-def assert_close_rms(actual, expected, dtype=None, tol=None, what=""):
-    """Assert relative RMS closeness, with the tolerance looked up from TOL by dtype."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.isfinite(torch.view_as_real(actual) if actual.is_complex() else actual).all(), f"{what}: non-finite"
-    tol = tol if tol is not None else TOL[dtype or expected.dtype]
-    err = rel_rms(actual, expected)
-    assert err <= tol, f"{what}: relative RMS error {err:.3e} > {tol:.0e}"
+# The one tolerance table and comparison, shared with the package's own mixer checks.
+from gateloop.testing import TOL, assert_close_rms, rel_rms  # noqa: F401  (imported by the tests from here)
 
 
 @pytest.fixture(scope="module")
@@ -37,3 +21,36 @@ def corpus(tmp_path_factory):
     for i in range(30):
         (folder / f"doc{i:02d}.txt").write_text("\n".join(" ".join(rng.choices(words, k=12)) for _ in range(20)))
     return folder
+
+
+def probe(outputs, leaves: dict[str, torch.Tensor], seed: int = 123, unused_is_zero: bool = True):
+    """What a fast path is compared with its reference on: the outputs (an op's or a layer's output,
+    its final state, ...: tensors computed from the leaves), detached, and the gradient per leaf of
+    one fixed random functional of all of them (complex outputs enter as their real views). A leaf
+    the outputs do not depend on gets a zero gradient, or None with unused_is_zero=False."""
+    g = torch.Generator().manual_seed(seed)
+    loss = 0
+    for t in outputs:
+        r = torch.view_as_real(t) if t.is_complex() else t
+        loss = loss + (r * torch.randn(r.shape, generator=g, dtype=torch.float64).to(r.dtype)).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=unused_is_zero)
+    return [t.detach() for t in outputs], dict(zip(leaves, grads))
+
+
+def probe_layer(fn, layer: torch.nn.Module, x: torch.Tensor, state0: torch.Tensor):
+    """probe() of fn(x, state0)'s output and final state (fn: the layer itself, or a reference loop
+    on its weights) over x, the initial state and every parameter of layer (None: no gradient)."""
+    x, state0 = x.clone().requires_grad_(True), state0.clone().requires_grad_(True)
+    leaves = {"x": x, "initial state": state0, **dict(layer.named_parameters())}
+    return probe(fn(x, state0), leaves, unused_is_zero=False)
+
+
+def assert_probes_close(result, expected, dtype=None, tol=None, what="", names=("output", "final state")):
+    """Two probe() results agree: every output (named by names, in order) and every leaf's gradient."""
+    (outs, grads), (outs_ref, grads_ref) = result, expected
+    for name, a, e in zip(names, outs, outs_ref, strict=True):
+        assert_close_rms(a, e, dtype, tol, what=f"{what} {name}")
+    for name, e in grads_ref.items():
+        assert (grads[name] is None) == (e is None), f"{what} d/d{name}: a gradient on one side only"
+        if e is not None:
+            assert_close_rms(grads[name], e, dtype, tol, what=f"{what} d/d{name}")

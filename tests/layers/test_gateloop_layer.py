@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close_rms
+from conftest import assert_close_rms, assert_probes_close, probe_layer
 
 from gateloop.layers import GateLoop
 
@@ -28,43 +28,24 @@ def combo_id(c):
             f"{'-gate' if c['output_gate'] else ''}{'-norm' if c['norm'] else ''}")
 
 
-def run_layer(layer, x, state0, w, ws):
-    """Output, final state and the gradients of a fixed scalar loss w.r.t. params, x and state0."""
-    layer.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_(True)
-    s0 = state0.clone().requires_grad_(True)
-    y, s = layer(x, s0)
-    loss = (y * w).sum() + (s * ws).real.sum()
-    loss.backward()
-    grads = {n: p.grad for n, p in layer.named_parameters()}
-    return y.detach(), s.detach(), grads, x.grad, s0.grad
-
-
 @pytest.mark.parametrize("opts", COMBOS, ids=combo_id)
 def test_modes_agree_on_outputs_states_and_gradients(opts):
     torch.manual_seed(0)
     ref = GateLoop(D, mode="recurrent", **opts).double()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, T, D, dtype=torch.float64, generator=g)
-    w = torch.randn(B, T, D, dtype=torch.float64, generator=g)
     H, K = ref.n_heads, ref.head_dim
     state_dtype = torch.complex128 if opts["use_complex"] else torch.float64
     state0 = torch.randn(B, H, K, K, dtype=state_dtype, generator=g)
-    ws = torch.randn(B, H, K, K, dtype=state_dtype, generator=g)
-    y_ref, s_ref, g_ref, gx_ref, gs_ref = run_layer(ref, x, state0, w, ws)
+    expected = probe_layer(ref, ref, x, state0)
+    (y_ref, s_ref), g_ref = expected
     assert y_ref.shape == (B, T, D) and s_ref.shape == (B, H, K, K) and s_ref.dtype == state_dtype
     for n, grad in g_ref.items():
         assert grad is not None and torch.isfinite(grad).all(), f"bad gradient for {n}"
     for mode in MODES[:3]:
         layer = GateLoop(D, mode=mode, chunk_size=4 if mode == "chunk" else None, **opts).double()
         layer.load_state_dict(ref.state_dict())
-        y, s, grads, gx, gs = run_layer(layer, x, state0, w, ws)
-        assert_close_rms(y, y_ref, what=f"{mode}: output")
-        assert_close_rms(s, s_ref, what=f"{mode}: final state")
-        assert_close_rms(gx, gx_ref, what=f"{mode}: grad x")
-        assert_close_rms(gs, gs_ref, what=f"{mode}: grad initial state")
-        for n in g_ref:
-            assert_close_rms(grads[n], g_ref[n], what=f"{mode}: grad {n}")
+        assert_probes_close(probe_layer(layer, layer, x, state0), expected, what=f"{mode}:")
 
 
 def test_shapes_and_heads():

@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_rms
+from conftest import assert_close_rms, assert_probes_close, probe_layer
 
 from gateloop.layers.hgrn import HGRN, HGRN2, ForgetGate
 
@@ -64,38 +64,19 @@ def hgrn2_loop(layer, x, S0):
     return layer.W_o(y), S
 
 
-def run(fn, layer, x, state0, w, ws):
-    """Output, final state and the gradients of a fixed scalar loss w.r.t. params, x and state0."""
-    layer.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_(True)
-    s0 = state0.clone().requires_grad_(True)
-    y, s = fn(x, s0)
-    loss = (y * w).sum() + (s * ws).real.sum()
-    loss.backward()
-    return y.detach(), s.detach(), {n: p.grad for n, p in layer.named_parameters()}, x.grad, s0.grad
-
-
 def check_against_loop(layers, loop, state_shape, state_dtype):
     """Every layer (one per mode, same weights) against the loop: outputs, states, all gradients."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, T, D, dtype=torch.float64, generator=g)
-    w = torch.randn(B, T, D, dtype=torch.float64, generator=g)
     state0 = torch.randn(state_shape, dtype=state_dtype, generator=g)
-    ws = torch.randn(state_shape, dtype=state_dtype, generator=g)
     ref = layers[0]
-    y_ref, s_ref, g_ref, gx_ref, gs_ref = run(lambda x, s: loop(ref, x, s), ref, x, state0, w, ws)
-    for n, grad in g_ref.items():
+    expected = probe_layer(lambda x, s: loop(ref, x, s), ref, x, state0)
+    for n, grad in expected[1].items():
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().max() > 0, f"bad gradient for {n}"
     for layer in layers:
-        y, s, grads, gx, gs = run(layer, layer, x, state0, w, ws)
-        assert s.dtype == state_dtype
-        what = layer.mode
-        assert_close_rms(y, y_ref, what=f"{what}: output")
-        assert_close_rms(s, s_ref, what=f"{what}: final state")
-        assert_close_rms(gx, gx_ref, what=f"{what}: grad x")
-        assert_close_rms(gs, gs_ref, what=f"{what}: grad initial state")
-        for n in g_ref:
-            assert_close_rms(grads[n], g_ref[n], what=f"{what}: grad {n}")
+        result = probe_layer(layer, layer, x, state0)
+        assert result[0][1].dtype == state_dtype
+        assert_probes_close(result, expected, what=f"{layer.mode}:")
 
 
 HGRN_COMBOS = [dict(use_complex=c, norm_order=n, lower_bound=lb) for c, n, lb in itertools.product(

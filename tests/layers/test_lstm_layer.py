@@ -82,18 +82,18 @@ def test_gradients_reach_the_initial_state(variant):
 
 @pytest.mark.parametrize("variant", ["vanilla", "CIFG", "FGR"])
 def test_modes_agree(variant):
-    """mode="loop" (the default) and "recurrent" (the reference): same outputs, states, gradients."""
+    """mode="bptt" (the default) and "recurrent" (the reference): same outputs, states, gradients."""
     torch.manual_seed(0)
     layer = LSTM(D, variant=variant, hidden_size=6).double()
     x = inputs().requires_grad_()
     results = {}
-    for mode in ("loop", "recurrent"):
+    for mode in ("bptt", "recurrent"):
         layer.mode = mode
         y, state = layer(x)
         loss = y.square().sum() + state[1].sum()
         results[mode] = (y, *state, *torch.autograd.grad(loss, [x, *layer.parameters()]))
-    assert LSTM(D).mode == "loop"
-    for j, (a, e) in enumerate(zip(results["loop"], results["recurrent"], strict=True)):
+    assert LSTM(D).mode == "bptt"
+    for j, (a, e) in enumerate(zip(results["bptt"], results["recurrent"], strict=True)):
         assert_close_rms(a, e, what=f"output, state or gradient {j}")
 
 

@@ -1,4 +1,4 @@
-"""The fused C++ scan kernels (ops/fused.py) against gateloop_recurrent and against the PyTorch path
+"""The fused C++ scan kernels (ops/gateloop_fused.py) against gateloop_recurrent and against the PyTorch path
 they replace (_GateLoopScan): outputs, final states and every gradient, max-headed and with [K, V]
 states, one decay per key channel or per head; long float32 sequences; work split across threads;
 the switch and the fallback when they cannot be built."""
@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import assert_close_rms
 
-from gateloop.ops import fused, gateloop_recurrent, gateloop_scan
+from gateloop.ops import gateloop_fused as fused
+from gateloop.ops import gateloop_recurrent, gateloop_scan
 from gateloop.ops.gateloop import _GateLoopScan
 
 needs_kernel = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernel")

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close_rms
+from conftest import assert_close_rms, assert_probes_close, probe
 
 from gateloop.ops.hgrn import HGRN_MODES, hgrn_blocked, hgrn_recurrent, hgrn_scan
 
@@ -45,23 +45,10 @@ def assemble(leaves, dtype):
 
 
 def run(op, leaves, dtype=torch.float64):
-    """Outputs, final state and the gradients of a fixed random functional of both, per leaf."""
+    """probe() of the op's output and final state (at T = 1 with no initial state, log_f is unused:
+    its gradient is zero)."""
     x, log_f, h0 = assemble(leaves, dtype)
-    h, h_T = op(x, log_f, initial_state=h0, output_final_state=True)
-    g = torch.Generator().manual_seed(123)
-    real = [torch.view_as_real(t) if t.is_complex() else t for t in (h, h_T)]
-    loss = sum((t * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)).sum() for t in real)
-    # At T = 1 with no initial state, log_f is unused: its gradient is zero.
-    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)
-    return h.detach(), h_T.detach(), dict(zip(leaves, grads))
-
-
-def check(result, expected, dtype, what):
-    (h, h_T, grads), (h_ref, h_T_ref, grads_ref) = result, expected
-    assert_close_rms(h, h_ref, dtype, what=f"{what} output")
-    assert_close_rms(h_T, h_T_ref, dtype, what=f"{what} final state")
-    for name in grads_ref:
-        assert_close_rms(grads[name], grads_ref[name], dtype, what=f"{what} d/d{name}")
+    return probe(op(x, log_f, initial_state=h0, output_final_state=True), leaves)
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,7 +64,7 @@ def reference(T, case, init):
 @pytest.mark.parametrize("op", [hgrn_scan, hgrn_blocked], ids=["scan", "blocked"])
 def test_parallel_forms_match_recurrent(op, T, case, init, dtype):
     leaves, expected = reference(T, case, init)
-    check(run(op, leaves, dtype), expected, dtype, f"{op.__name__} T={T} {case}")
+    assert_probes_close(run(op, leaves, dtype), expected, dtype, what=f"{op.__name__} T={T} {case}")
 
 
 def test_recurrent_is_the_recurrence():
@@ -102,7 +89,8 @@ def test_split_sequence_carries_state(mode, case, split):
         h2, s2 = op(x[:, split:], log_f[:, split:], initial_state=s1, output_final_state=True)
         return torch.cat([h1, h2], dim=1), s2
 
-    check(run(two_pieces, leaves), run(hgrn_recurrent, leaves), torch.float64, f"{mode} split at {split}")
+    assert_probes_close(run(two_pieces, leaves), run(hgrn_recurrent, leaves), torch.float64,
+                        what=f"{mode} split at {split}")
 
 
 def test_float32_stays_accurate_on_long_sequences():

@@ -1,4 +1,4 @@
-"""Both LSTM ops (the reference loop and lstm_loop, its fast path with a written-out backward) against
+"""Both LSTM ops (the reference loop and lstm_bptt, its fast path with a written-out backward) against
 torch.nn.LSTM (NP) and against the paper's equations written out by hand for every variant (outputs,
 final states and all gradients), the fast path against the reference on long sequences, each
 variant's defining property, dtypes, errors."""
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TOL, assert_close_rms
 
-from gateloop.ops.lstm import GATES, LSTM_MODES, PEEPHOLES, VARIANTS, lstm_loop, lstm_recurrent
+from gateloop.ops.lstm import GATES, LSTM_MODES, PEEPHOLES, VARIANTS, lstm_bptt, lstm_recurrent
 
 B, N, DX = 2, 4, 5
 f64 = torch.float64
@@ -118,7 +118,7 @@ def test_op_matches_the_papers_equations(variant, T, dtype, mode):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_fast_loop_matches_the_reference_on_long_sequences(variant):
-    """lstm_loop against lstm_recurrent over 300 float32 steps from a non-zero state, with gradients
+    """lstm_bptt against lstm_recurrent over 300 float32 steps from a non-zero state, with gradients
     flowing in from only part of the outputs (the rest arrive as zeros) and from the final state."""
     Bl, Nl, T = 3, 16, 300
     G, P = len(GATES[variant]), len(PEEPHOLES[variant])
@@ -139,14 +139,14 @@ def test_fast_loop_matches_the_reference_on_long_sequences(variant):
         loss = (y * w).sum() + final[1].square().sum()
         used = [x for x in leaves if x is not None]
         results[mode] = (y.detach(), *(s.detach() for s in final), *torch.autograd.grad(loss, used))
-    for j, (a, e) in enumerate(zip(results["loop"], results["recurrent"], strict=True)):
+    for j, (a, e) in enumerate(zip(results["bptt"], results["recurrent"], strict=True)):
         assert_close_rms(a, e, torch.float32, what=f"{variant}: output, state or gradient {j}")
 
 
 def test_fast_loop_keeps_float32_under_autocast():
     x, R, p = rnd(B, 5, 4 * N, seed=0).float(), rnd(4 * N, N, seed=1).float(), rnd(3, N, seed=2).float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, s = lstm_loop(x, R, p, output_final_state=True)
+        y, s = lstm_bptt(x, R, p, output_final_state=True)
     assert y.dtype == torch.float32 and s[1].dtype == torch.float32
     assert_close_rms(y, lstm_recurrent(x, R, p)[0], torch.float32)
 

@@ -9,7 +9,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOL, assert_close_rms, rel_rms
+from conftest import TOL, assert_close_rms, assert_probes_close, probe, rel_rms
 
 from gateloop.ops.min_rnn import MINGRU_MODES, MINLSTM_MODES, g, log_g, mingru_recurrent, mingru_scan
 
@@ -36,27 +36,14 @@ def call(mode, family, leaves, dtype=torch.float64, **kw):
 
 
 def run(mode, family, leaves, dtype=torch.float64, **kw):
-    """Outputs, final state and the gradients of a fixed random functional of both, per leaf."""
-    h, S = call(mode, family, leaves, dtype, **kw)
-    gen = torch.Generator().manual_seed(123)
-    w_h, w_S = (torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype) for x in (h, S))
-    loss = (h * w_h).sum() + (S * w_S).sum()
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    return h.detach(), S.detach(), dict(zip(leaves, grads))
+    """probe() of the op's output and final state."""
+    return probe(call(mode, family, leaves, dtype, **kw), leaves)
 
 
 @functools.lru_cache(maxsize=None)
 def reference(T, family, init, use_g):
     leaves = make_leaves(T, family, init=init)
     return leaves, run("recurrent", family, leaves, use_g=use_g)
-
-
-def check_against(result, expected, dtype, what):
-    (h, S, grads), (h_ref, S_ref, grads_ref) = result, expected
-    assert_close_rms(h, h_ref, dtype, what=f"{what} output")
-    assert_close_rms(S, S_ref, dtype, what=f"{what} final state")
-    for name in grads_ref:
-        assert_close_rms(grads[name], grads_ref[name], dtype, what=f"{what} d/d{name}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -67,7 +54,7 @@ def check_against(result, expected, dtype, what):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_parallel_modes_match_recurrent(family, mode, T, use_g, init, dtype):
     leaves, expected = reference(T, family, init, use_g)
-    check_against(run(mode, family, leaves, dtype, use_g=use_g), expected, dtype, f"{family} {mode} T={T}")
+    assert_probes_close(run(mode, family, leaves, dtype, use_g=use_g), expected, dtype, what=f"{family} {mode} T={T}")
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 16, 64, 100, None])
@@ -76,7 +63,7 @@ def test_parallel_modes_match_recurrent(family, mode, T, use_g, init, dtype):
 def test_chunk_sizes(family, use_g, chunk_size):
     leaves, expected = reference(65, family, True, use_g)
     result = run("scan", family, leaves, use_g=use_g, chunk_size=chunk_size)
-    check_against(result, expected, torch.float64, f"{family} C={chunk_size}")
+    assert_probes_close(result, expected, torch.float64, what=f"{family} C={chunk_size}")
 
 
 @pytest.mark.parametrize("split", [1, 30, 64, 99])
@@ -89,15 +76,9 @@ def test_split_sequence_carries_state(family, mode, split):
     op = FAMILIES[family][0][mode]
     h1, S1 = op(*(leaves[n][:, :split] for n in names), initial_state=leaves["h0"], output_final_state=True)
     h2, S2 = op(*(leaves[n][:, split:] for n in names), initial_state=S1, output_final_state=True)
-    h_ref, S_ref = op(*(leaves[n] for n in names), initial_state=leaves["h0"], output_final_state=True)
-    h = torch.cat([h1, h2], dim=1)
-    assert_close_rms(h, h_ref, torch.float64, what="output")
-    assert_close_rms(S2, S_ref, torch.float64, what="final state")
-    w = torch.randn(h.shape, generator=torch.Generator().manual_seed(1), dtype=h.dtype)
-    grads, grads_ref = (torch.autograd.grad((x * w).sum() + y.sum(), list(leaves.values()))
-                        for x, y in ((h, S2), (h_ref, S_ref)))
-    for name, g1, g2 in zip(leaves, grads, grads_ref):
-        assert_close_rms(g1, g2, torch.float64, what=f"d/d{name}")
+    pieces = probe([torch.cat([h1, h2], dim=1), S2], leaves)
+    whole = probe(op(*(leaves[n] for n in names), initial_state=leaves["h0"], output_final_state=True), leaves)
+    assert_probes_close(pieces, whole, torch.float64, what=f"split at {split}")
 
 
 def heinsen_scan(log_a, log_b, log_h0):
@@ -162,7 +143,7 @@ def test_zero_and_negative_candidates_without_g(family, mode):
     expected = run("recurrent", family, leaves, use_g=False)
     for dtype in (torch.float64, torch.float32):
         result = run(mode, family, leaves, dtype, use_g=False, **({"chunk_size": 8} if mode == "scan" else {}))
-        check_against(result, expected, dtype, str(dtype))
+        assert_probes_close(result, expected, dtype, what=str(dtype))
 
 
 @pytest.mark.parametrize("mode", PARALLEL)
@@ -174,8 +155,8 @@ def test_saturated_gates_stay_finite_in_float32(family, mode):
     with torch.no_grad():
         for name in FAMILIES[family][1]:
             leaves[name].mul_(30)
-    h, S, grads = run(mode, family, leaves, torch.float32)
-    h_ref, S_ref, _ = run("recurrent", family, leaves)
+    (h, S), grads = run(mode, family, leaves, torch.float32)
+    (h_ref, S_ref), _ = run("recurrent", family, leaves)
     assert_close_rms(h, h_ref, torch.float32, what="output")
     assert_close_rms(S, S_ref, torch.float32, what="final state")
     assert all(torch.isfinite(x).all() for x in grads.values())

@@ -1,9 +1,11 @@
 """nn.Modules: the mixers (one file per paper) and the shared blocks.
 
-Every mixer follows one contract: ``Mixer(d_model, *, layer_idx=0, n_layers=1, **options)`` and
-``forward(x: [B, T, D], state=None) -> (y: [B, T, D], state)``. MIXERS is the one registry.
+Every mixer keeps one contract (base.py): ``Mixer(d_model, *, layer_idx=0, n_layers=1, **options)``
+and ``forward(x: [B, T, D], state=None) -> (y: [B, T, D], state)``. MIXERS, the one registry,
+maps names to classes; each class enters it with ``@register_mixer(name)`` when imported below.
 """
 
+from .base import MIXERS, Mixer, register_mixer, resolve_mixer
 from .common import MLP, GatedMLP, RMSNorm
 from .fox import ForgettingAttention
 from .gateloop import GateLoop
@@ -13,19 +15,5 @@ from .min_rnn import MinGRU, MinLSTM
 from .miras import Memora, Moneta, Yaad
 from .transformer import Attention
 
-MIXERS = {
-    "fox": ForgettingAttention,
-    "gateloop": GateLoop,
-    "hgrn": HGRN,
-    "hgrn2": HGRN2,
-    "lstm": LSTM,
-    "memora": Memora,
-    "mingru": MinGRU,
-    "minlstm": MinLSTM,
-    "moneta": Moneta,
-    "transformer": Attention,
-    "yaad": Yaad,
-}
-
 __all__ = ["MIXERS", "MLP", "Attention", "ForgettingAttention", "GateLoop", "GatedMLP", "HGRN", "HGRN2", "LSTM",
-           "Memora", "MinGRU", "MinLSTM", "Moneta", "RMSNorm", "Yaad"]
+           "Memora", "MinGRU", "MinLSTM", "Mixer", "Moneta", "RMSNorm", "Yaad", "register_mixer", "resolve_mixer"]

@@ -72,3 +72,16 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.W_2(F.gelu(self.W_1(x)))
+
+
+def gated_output(y: Tensor, x: Tensor, norm: nn.Module | None, W_g: nn.Linear | None, W_o: nn.Linear,
+                 gate=F.silu) -> Tensor:
+    """W_o( norm(y) (.) gate(W_g x) ): the output head GateLoop, HGRN2, FoX and the Miras mixers share.
+    y: [B, T, n, m], normalised over its last dim (per head, or over all channels with n = 1); x:
+    [B, T, d_model], the layer's input. A norm or W_g that is None is left out."""
+    if norm is not None:
+        y = norm(y)
+    y = y.reshape(*x.shape[:2], -1)
+    if W_g is not None:
+        y = y * gate(W_g(x))
+    return W_o(y)

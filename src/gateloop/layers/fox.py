@@ -10,13 +10,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.forgetting_attn import cumulative_log_f, forgetting_attention, forgetting_attention_naive
-from .common import RMSNorm
+from .base import Mixer, register_mixer
+from .common import RMSNorm, gated_output
 
 FORGET_GATES = ("full", "bias", "fixed", "none")
-State = dict[str, Tensor]
+FoXCache = dict[str, Tensor]  # the KV cache of the positions seen so far (see ForgettingAttention)
 
 
-class ForgettingAttention(nn.Module):
+@register_mixer("fox")
+class ForgettingAttention(Mixer):
     """Multi-head causal softmax attention whose scores decay with a learned forget gate.
 
     Per head (H = d_model / head_dim heads of size Dh = head_dim)::
@@ -44,7 +46,9 @@ class ForgettingAttention(nn.Module):
       log_pruning_tolerance: None, or log eps < 0 to enable Adaptive Computation Pruning (-10 in the
         paper): tiles of the score matrix whose softmax mass is provably below eps per row are
         skipped. The pruning decisions depend on each call's max |q|, |k| and length, so the split
-        and step-by-step invariants then hold to within that bound, not to rounding.
+        and step-by-step invariants then hold to within that bound, not to rounding. After each
+        pruned call, `pruned_fraction` holds the share of causal tiles it skipped (None otherwise);
+        training logs their mean over the layers as acp_pruned_fraction.
       block_size: the op's tile size.
 
     forward(x: [B, T, d_model], state or None) -> (y: [B, T, d_model], state). The state is a dict:
@@ -52,6 +56,10 @@ class ForgettingAttention(nn.Module):
     cumulative log-gates of the cached positions in float64 (its last entry is the running c), and
     with shift, "k_shift", "v_shift" [B, 1, H, Dh], the last unshifted k~, v~.
     """
+
+    test_options = [{"head_dim": 8, "block_size": 8}, {"head_dim": 4, "block_size": 8, "forget_gate": "bias"},
+                    {"head_dim": 8, "block_size": 8, "forget_gate": "fixed", "qk_norm": False, "output_norm": False},
+                    {"head_dim": 8, "block_size": 8, "forget_gate": "none", "shift": False, "output_gate": False}]
 
     def __init__(self, d_model: int, *, layer_idx: int = 0, n_layers: int = 1, head_dim: int = 64,
                  forget_gate: str = "full", qk_norm: bool = True, shift: bool = True,
@@ -72,6 +80,7 @@ class ForgettingAttention(nn.Module):
         self.d_model, self.layer_idx, self.n_layers = d_model, layer_idx, n_layers
         self.head_dim, self.n_heads, self.forget_gate = head_dim, d_model // head_dim, forget_gate
         self.log_pruning_tolerance, self.block_size = log_pruning_tolerance, block_size
+        self.pruned_fraction: float | None = None
         H = self.n_heads
 
         self.W_q = nn.Linear(d_model, d_model, bias=False)
@@ -121,11 +130,11 @@ class ForgettingAttention(nn.Module):
         alpha = torch.sigmoid(alpha_logit).unsqueeze(-1).to(cur.dtype)
         return alpha * before + (1 - alpha) * cur
 
-    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+    def forward(self, x: Tensor, state: FoXCache | None = None) -> tuple[Tensor, FoXCache]:
         B, T, D = x.shape
         H, Dh = self.n_heads, self.head_dim
         q, k, v = (W(x).view(B, T, H, Dh) for W in (self.W_q, self.W_k, self.W_v))  # [B, T, H, Dh]
-        new_state: State = {}
+        new_state: FoXCache = {}
         if self.W_alpha_k is not None:
             new_state["k_shift"], new_state["v_shift"] = k[:, -1:], v[:, -1:]
             k = self._shift(k, None if state is None else state["k_shift"], self.W_alpha_k(x))
@@ -138,20 +147,18 @@ class ForgettingAttention(nn.Module):
             k = torch.cat([state["k"].to(k.dtype), k], dim=1)  # [B, S + T, H, Dh]
             v = torch.cat([state["v"].to(v.dtype), v], dim=1)
             c_past = state["c"]
-        if T == 1 and self.log_pruning_tolerance is None:
+        if self.log_pruning_tolerance is not None:
+            o, stats = forgetting_attention(q, k, v, log_f, c_past=c_past, block_size=self.block_size,
+                                            log_pruning_tolerance=self.log_pruning_tolerance, return_stats=True)
+            self.pruned_fraction = stats.pruned_fraction
+        elif T == 1:
             # One token (generation): a single row over the cache; the blockwise op would walk the
             # cache block by block in Python. Same maths, same result.
             o = forgetting_attention_naive(q, k, v, log_f, c_past=c_past)
         else:
-            o = forgetting_attention(q, k, v, log_f, c_past=c_past, block_size=self.block_size,
-                                     log_pruning_tolerance=self.log_pruning_tolerance)
+            o = forgetting_attention(q, k, v, log_f, c_past=c_past, block_size=self.block_size)
         new_state.update(k=k, v=v, c=cumulative_log_f(log_f, c_past))
-        if self.out_norm is not None:
-            o = self.out_norm(o)
-        y = o.reshape(B, T, D)
-        if self.W_g is not None:
-            y = y * torch.sigmoid(self.W_g(x))
-        return self.W_o(y), new_state
+        return gated_output(o, x, self.out_norm, self.W_g, self.W_o, gate=torch.sigmoid), new_state
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, head_dim={self.head_dim}, "

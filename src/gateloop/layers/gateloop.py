@@ -10,13 +10,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import GATELOOP_MODES, gateloop_chunk
-from .common import RMSNorm
+from .base import Mixer, register_mixer
+from .common import RMSNorm, gated_output
 
 DECAYS = ("channel", "head")
 TRANSITIONS = ("data", "fixed", "none")
 
 
-class GateLoop(nn.Module):
+@register_mixer("gateloop")
+class GateLoop(Mixer):
     """Data-controlled linear recurrence with a complex, diagonal state transition.
 
     Per head (H = d_model / head_dim heads, K = V = head_dim)::
@@ -60,6 +62,8 @@ class GateLoop(nn.Module):
     forward(x: [B, T, d_model], state: [B, H, K, V] or None) -> (y: [B, T, d_model], state), the
     state complex when use_complex (the op's accumulation dtype: complex64 or complex128).
     """
+
+    test_options = [{"chunk_size": 8}, {"head_dim": 4, "chunk_size": 8, "decay": "head"}]
 
     def __init__(self, d_model: int, *, layer_idx: int = 0, n_layers: int = 1, head_dim: int = 1,
                  decay: str = "channel", use_complex: bool = True, transition: str = "data",
@@ -200,12 +204,8 @@ class GateLoop(nn.Module):
         # The op accumulates in float32 itself; autocast would push its matmuls back to bfloat16.
         with torch.autocast(x.device.type, enabled=False):
             y, new_state = op(q, k, v, log_a, initial_state=state, output_final_state=True, **extra)
-        if self.norm is not None:
-            y = self.norm(y.reshape(B, T, D // self.norm_size, self.norm_size))
-        y = y.reshape(B, T, D)
-        if self.W_g is not None:
-            y = y * F.silu(self.W_g(x))
-        return self.W_o(y), new_state
+        y = y.reshape(B, T, D // self.norm_size, self.norm_size)
+        return gated_output(y, x, self.norm, self.W_g, self.W_o), new_state
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, head_dim={self.head_dim}, "

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from ..ops.gateloop import gateloop_chunk, gateloop_recurrent
 from ..ops.hgrn import HGRN_MODES
-from .common import RMSNorm
+from .base import Mixer, register_mixer
+from .common import RMSNorm, gated_output
 
 LOWER_BOUNDS = ("fixed", "learned", "none")
 NORM_ORDERS = ("gate_then_norm", "norm_then_gate")
@@ -81,7 +82,8 @@ class ForgetGate(nn.Module):
         return torch.logaddexp(log_gamma, log_1m_gamma + F.logsigmoid(z)), log_1m_gamma + F.logsigmoid(-z)
 
 
-class HGRN(nn.Module):
+@register_mixer("hgrn")
+class HGRN(Mixer):
     """The HGRU token mixer: an elementwise, complex (or real) gated linear recurrence.
 
     Per channel (D = d_model)::
@@ -108,6 +110,8 @@ class HGRN(nn.Module):
     forward(x: [B, T, D], state: [B, D] or None) -> (y: [B, T, D], state [B, D]), the state complex
     when use_complex, in the op's accumulation dtype (float32 / complex64, or 64-bit for float64).
     """
+
+    test_options = [{}, {"use_complex": False, "norm_order": "norm_then_gate"}]
 
     def __init__(self, d_model: int, *, layer_idx: int = 0, n_layers: int = 1, use_complex: bool = True,
                  norm_order: str = "gate_then_norm", lower_bound: str = "fixed", mode: str = "blocked"):
@@ -160,7 +164,8 @@ class HGRN(nn.Module):
                 f"lower_bound={self.forget.kind!r}, mode={self.mode!r}")
 
 
-class HGRN2(nn.Module):
+@register_mixer("hgrn2")
+class HGRN2(Mixer):
     """The HGRN2 token mixer: HGRN with an outer-product (matrix) state per head.
 
     Per head (H = d_model / head_dim heads, K = V = head_dim), f_t lower-bounded as in HGRN::
@@ -184,6 +189,8 @@ class HGRN2(nn.Module):
 
     forward(x: [B, T, D], state: [B, H, K, V] or None) -> (y: [B, T, D], state [B, H, K, V]).
     """
+
+    test_options = [{"head_dim": 4, "chunk_size": 8}, {"head_dim": 8, "output_gate": True}]
 
     def __init__(self, d_model: int, *, layer_idx: int = 0, n_layers: int = 1, head_dim: int = 64,
                  lower_bound: str = "fixed", mode: str = "chunk", output_gate: bool = False,
@@ -229,10 +236,8 @@ class HGRN2(nn.Module):
             log_f, log_1m_f = (t.view(B, T, H, K) for t in self.forget(z))
             y, new_state = op(q, torch.exp(log_1m_f), v, log_f, initial_state=state,
                               output_final_state=True, **extra)  # y: [B, T, H, V]
-        y = self.norm(y.reshape(B, T, D // self.norm_size, self.norm_size)).reshape(B, T, D)
-        if self.W_g is not None:
-            y = y * F.silu(self.W_g(x))
-        return self.W_o(y), new_state
+        y = y.reshape(B, T, D // self.norm_size, self.norm_size)
+        return gated_output(y, x, self.norm, self.W_g, self.W_o), new_state
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, head_dim={self.head_dim}, "

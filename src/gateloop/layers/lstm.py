@@ -9,10 +9,12 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..ops.lstm import GATES, LSTM_MODES, PEEPHOLES, VARIANTS, State
+from ..ops.lstm import GATES, LSTM_MODES, PEEPHOLES, VARIANTS, LSTMState
+from .base import Mixer, register_mixer
 
 
-class LSTM(nn.Module):
+@register_mixer("lstm")
+class LSTM(Mixer):
     """An LSTM layer as a mixer: y_t = W_out LSTM(x_1 .. x_t), N = hidden_size cells.
 
     Parameters, in the paper's symbols (G = len(GATES[variant]) blocks in torch.nn.LSTM's order
@@ -24,7 +26,7 @@ class LSTM(nn.Module):
     Options:
       variant: one of VARIANTS: "vanilla", "NIG", "NFG", "NOG", "NIAF", "NOAF", "NP", "CIFG", "FGR".
       hidden_size: N, the number of cells (default d_model).
-      mode: "loop" (default: the loop with its backward pass written out, ops/lstm.py: lstm_loop) or
+      mode: "bptt" (default: the loop with its backward pass through time written out, ops/lstm.py: lstm_bptt) or
         "recurrent" (the reference loop, differentiated by autograd; several times slower to train).
       forget_bias: added to the forget gate's bias at init, so the cells start by remembering
         (Gers et al. 2000). CIFG, whose f = 1 - i, subtracts it from the input gate's bias instead, which
@@ -39,8 +41,11 @@ class LSTM(nn.Module):
     in float32 (float64 for float64 inputs), whatever the input dtype.
     """
 
+    test_options = [{}, {"variant": "CIFG"}, {"variant": "FGR", "hidden_size": 12},
+                    {"variant": "NP", "hidden_size": 24}]
+
     def __init__(self, d_model: int, *, layer_idx: int = 0, n_layers: int = 1, variant: str = "vanilla",
-                 hidden_size: int | None = None, forget_bias: float = 1.0, mode: str = "loop"):
+                 hidden_size: int | None = None, forget_bias: float = 1.0, mode: str = "bptt"):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -79,7 +84,7 @@ class LSTM(nn.Module):
         elif self.variant == "CIFG":
             bias[gates.index("i")] -= self.forget_bias
 
-    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+    def forward(self, x: Tensor, state: LSTMState | None = None) -> tuple[Tensor, LSTMState]:
         """x: [B, T, d_model], state: (y, c[, gates]) or None -> (y: [B, T, d_model], new state)."""
         x_proj = self.W(x)  # [B, T, G N]: the only part computed for all steps at once
         # The op accumulates in float32 itself; autocast would push the step matmuls back to bfloat16.

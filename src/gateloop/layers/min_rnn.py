@@ -9,9 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.min_rnn import MINGRU_MODES, MINLSTM_MODES
+from .base import Mixer, register_mixer
 
 
-class _MinRNN(nn.Module):
+class _MinRNN(Mixer):
     """What minGRU and minLSTM share; a subclass names its gate projections and its ops.
 
     x: [B, T, d_model] -> gate logits and h~ pre-activations, each [B, T, d_inner] with
@@ -60,6 +61,7 @@ class _MinRNN(nn.Module):
                 f"chunk_size={self.chunk_size}")
 
 
+@register_mixer("mingru")
 class MinGRU(_MinRNN):
     """minGRU: z_t = sigma(W_z x_t), h~_t = W_h x_t, h_t = (1 - z_t) h_{t-1} + z_t g(h~_t), y_t = W_o h_t.
 
@@ -78,10 +80,13 @@ class MinGRU(_MinRNN):
     1 / sqrt(2 n_layers). Parameters: 2 d_model d_inner (+ 2 d_inner biases) + d_inner d_model.
     """
 
+    test_options = [{"chunk_size": 8}, {"expansion": 2.0, "use_g": False, "chunk_size": 8}]
+
     GATES = ("W_z",)
     MODES = MINGRU_MODES
 
 
+@register_mixer("minlstm")
 class MinLSTM(_MinRNN):
     """minLSTM: f_t = sigma(W_f x_t), i_t = sigma(W_i x_t), h~_t = W_h x_t,
     h_t = f'_t h_{t-1} + i'_t g(h~_t) with f' = f / (f + i), i' = i / (f + i) (the paper's
@@ -89,6 +94,8 @@ class MinLSTM(_MinRNN):
 
     Options and initialisation as for MinGRU; parameters 3 d_model d_inner (+ 3 d_inner) + d_inner d_model.
     """
+
+    test_options = [{"chunk_size": 8}, {"expansion": 0.5, "use_g": False}]
 
     GATES = ("W_f", "W_i")
     MODES = MINLSTM_MODES

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.miras import MIRAS_MODES, State
+from .base import Mixer, register_mixer
 from .common import RMSNorm
 
 ALPHA_BIAS_INIT = 5.0  # sigma(5) = 0.9933: the memory's retention time starts at ~150 tokens
@@ -35,7 +36,7 @@ class LowRank(nn.Module):
             return F.linear(h, self.up.weight.to(dtype), self.up.bias.to(dtype))
 
 
-class _Miras(nn.Module):
+class _Miras(Mixer):
     """Shared by the three mixers; a subclass sets RULE and initialises the memory (init_memory).
 
     Per head (H = d_model / head_dim heads, Dh = head_dim, F = hidden width of the memory)::
@@ -140,6 +141,7 @@ class _Miras(nn.Module):
                 f"hidden={self.hidden}, chunk_size={self.chunk_size}, mode={self.mode!r}")
 
 
+@register_mixer("moneta")
 class Moneta(_Miras):
     """EXPERIMENTAL. Miras's Moneta: l_p attentional bias (p = 3) with l_q retention (q = 4).
 
@@ -148,6 +150,8 @@ class Moneta(_Miras):
     Options p >= 2, q >= 2 besides those of the family (see _Miras). The memory starts from weights
     W_0 ~ N(0, 1 / fan_in), stored as the A_0 with W(A_0) = W_0.
     """
+
+    test_options = [{"head_dim": 8, "expansion": 2.0, "gate_rank": 4, "chunk_size": 8}]
 
     RULE = "moneta"
 
@@ -171,6 +175,7 @@ class Moneta(_Miras):
         return {"p": self.p, "q_retention": self.q}
 
 
+@register_mixer("yaad")
 class Yaad(_Miras):
     """EXPERIMENTAL. Miras's Yaad: Huber attentional bias with l_2 retention (weight decay).
 
@@ -179,6 +184,9 @@ class Yaad(_Miras):
 
     The l_2 gradient where |e_i| <= delta_i, delta_i times the l_1 gradient elsewhere (per coordinate).
     """
+
+    test_options = [{"head_dim": 8, "expansion": 2.0, "gate_rank": 4, "chunk_size": 8},
+                    {"head_dim": 4, "expansion": 1.0, "gate_rank": 2, "chunk_size": 5, "output_gate": False}]
 
     RULE = "yaad"
 
@@ -192,6 +200,7 @@ class Yaad(_Miras):
         return gates
 
 
+@register_mixer("memora")
 class Memora(_Miras):
     """EXPERIMENTAL. Miras's Memora: l_2 attentional bias with KL retention.
 
@@ -203,6 +212,8 @@ class Memora(_Miras):
     0.001: the step acts on log-weights with a gradient w.r.t. weights of size ~1/F, so it is ~F times
     larger than the same eta in Yaad; at 0.01 (F = 128) float32 and float64 runs part by 1e-1.
     """
+
+    test_options = [{"head_dim": 8, "expansion": 2.0, "gate_rank": 4, "chunk_size": 8}]
 
     RULE = "memora"
     ETA_MAX = 0.001

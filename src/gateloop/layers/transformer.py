@@ -9,11 +9,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.attention import apply_rope, rope_cos_sin
+from .base import Mixer, register_mixer
 
 KVCache = tuple[Tensor, Tensor]
 
 
-class Attention(nn.Module):
+@register_mixer("transformer")
+class Attention(Mixer):
     """Multi-head causal softmax attention with rotary positions (docs/models/transformer.md).
 
     H = d_model / head_dim heads; scaled_dot_product_attention with the default 1/sqrt(head_dim).
@@ -23,6 +25,8 @@ class Attention(nn.Module):
 
     forward(x: [B, T, d_model], state: KVCache or None) -> (y: [B, T, d_model], KVCache of length S + T).
     """
+
+    test_options = [{"head_dim": 8}]
 
     def __init__(self, d_model: int, *, layer_idx: int = 0, n_layers: int = 1, head_dim: int = 64,
                  rope_base: float = 10000.0):

@@ -13,7 +13,8 @@ MLPS = ("swiglu", "gelu", "none")
 class ModelConfig:
     """A language model: embedding, n_layers blocks of (mixer, MLP), final norm, head.
 
-    mixer: a key of gateloop.layers.MIXERS; mixer_options: its keyword options (e.g. head_dim).
+    mixer: a key of gateloop.layers.MIXERS, or "package.module:Class" for a mixer of your own (see
+    layers/base.py for the contract it keeps); mixer_options: its keyword options (e.g. head_dim).
     norm: "pre" (x + f(norm(x)), the modern default) or "post" (norm(x + f(x)), the GateLoop paper's).
     mlp: "swiglu" (GatedMLP), "gelu" (the paper's FFN), or "none" (mixer-only blocks).
     """
@@ -30,10 +31,9 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field (the mixer's own options are checked when built)."""
-        from ..layers import MIXERS
+        from ..layers import resolve_mixer
 
-        if self.mixer not in MIXERS:
-            raise ValueError(f"model.mixer: unknown mixer {self.mixer!r}; choose one of {', '.join(MIXERS)}")
+        resolve_mixer(self.mixer)
         for name in ("vocab_size", "d_model", "n_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import MIXERS, MLP, GatedMLP, RMSNorm
+from ..layers import MLP, GatedMLP, RMSNorm, resolve_mixer
 from .config import ModelConfig
 
-State = list  # one mixer state per layer (a tensor, a KV cache, ...), or None before the first call
+LayerStates = list  # one mixer state per layer (a tensor, a KV cache, ...), or None before the first call
 
 
 class Block(nn.Module):
@@ -18,7 +18,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.post_norm = cfg.norm == "post"
-        self.mixer = MIXERS[cfg.mixer](cfg.d_model, layer_idx=layer_idx, n_layers=cfg.n_layers,
+        self.mixer = resolve_mixer(cfg.mixer)(cfg.d_model, layer_idx=layer_idx, n_layers=cfg.n_layers,
                                        **cfg.mixer_options)
         self.norm1 = RMSNorm(cfg.d_model)
         expansion = {} if cfg.mlp_expansion is None else {"expansion": cfg.mlp_expansion}
@@ -61,14 +61,15 @@ class LanguageModel(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
-    def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+    def forward(self, tokens: Tensor, state: LayerStates | None = None) -> tuple[Tensor, LayerStates]:
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [B, T]; got shape {tuple(tokens.shape)}")
-        if tokens.numel():  # an id outside the embedding: a clear error, not an IndexError (or a CUDA assert)
-            lo, hi = torch.aminmax(tokens)
-            if lo < 0 or hi >= self.cfg.vocab_size:
-                raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}) (the vocabulary); "
-                                 f"got ids from {lo.item()} to {hi.item()}")
+        # An id outside the embedding is an IndexError there (a device-side assert on CUDA): a clear
+        # error instead. On an accelerator the check would sync the host on every call and, under
+        # torch.compile, break the graph, so there it is made at the data boundary (generate's
+        # prompt; the training batches come from the run's own tokenizer, checked by load_run).
+        if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
+            check_token_ids(tokens, self.cfg.vocab_size)
         x = self.embed(tokens)  # [B, T, D]
         state = state if state is not None else [None] * len(self.blocks)
         new_state = []
@@ -91,6 +92,7 @@ class LanguageModel(nn.Module):
             raise ValueError(f"prompt must be [B, T0] with T0 >= 1; got shape {tuple(prompt.shape)}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        check_token_ids(prompt, self.cfg.vocab_size)
         logits, state = self(prompt)
         logits = logits[:, -1]
         tokens, seen = [prompt], []
@@ -104,6 +106,15 @@ class LanguageModel(nn.Module):
         if not return_logits:
             return out
         return out, (torch.stack(seen, dim=1) if seen else logits.new_empty(logits.shape[0], 0, logits.shape[-1]))
+
+
+def check_token_ids(tokens: Tensor, vocab_size: int) -> None:
+    """ValueError unless every id is in [0, vocab_size)."""
+    if tokens.numel():
+        lo, hi = torch.aminmax(tokens)
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"token ids must be in [0, {vocab_size}) (the vocabulary); "
+                             f"got ids from {lo.item()} to {hi.item()}")
 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None, generator=None) -> Tensor:

@@ -10,7 +10,7 @@ Vanilla LSTM, blocks in torch.nn.LSTM's order (i, f, z, o), a_t^k = x_proj_t^k +
 The output gate's peephole sees the new cell c_t, the other two the old one.
 
 Two implementations of the same loop: lstm_recurrent, the reference, differentiated by autograd
-through every step; lstm_loop, the fast path, one autograd Function whose backward pass (BPTT) is
+through every step; lstm_bptt, the fast path, one autograd Function whose backward pass (BPTT) is
 written out and checked against the reference in tests/ops/test_lstm.py.
 
 Variants: NIG / NFG / NOG: i / f / o fixed to 1 (its block and peephole are gone). NIAF: g = identity.
@@ -31,7 +31,7 @@ GATES = {"vanilla": "ifzo", "NIG": "fzo", "NFG": "izo", "NOG": "ifz", "NIAF": "i
 PEEPHOLES = {v: "" if v == "NP" else "".join(k for k in g if k != "z") for v, g in GATES.items()}
 VARIANTS = tuple(GATES)
 
-State = tuple[Tensor, ...]  # (y, c), each [B, N]; FGR adds the previous gates [i; f; o]: [B, 3N]
+LSTMState = tuple[Tensor, ...]  # (y, c), each [B, N]; FGR adds the previous gates [i; f; o]: [B, 3N]
 
 
 def _prepare(x_proj, R, p, R_gates, variant, state):
@@ -63,8 +63,8 @@ def _prepare(x_proj, R, p, R_gates, variant, state):
 
 
 def lstm_recurrent(x_proj: Tensor, R: Tensor, p: Tensor | None = None, *, R_gates: Tensor | None = None,
-                   variant: str = "vanilla", initial_state: State | None = None,
-                   output_final_state: bool = False) -> tuple[Tensor, State | None]:
+                   variant: str = "vanilla", initial_state: LSTMState | None = None,
+                   output_final_state: bool = False) -> tuple[Tensor, LSTMState | None]:
     """The LSTM (or one of its variants) over a sequence, one step at a time.
 
     x_proj: [B, T, G N], the input parts W x_t + b of the G = len(GATES[variant]) blocks, in order.
@@ -105,9 +105,9 @@ def lstm_recurrent(x_proj: Tensor, R: Tensor, p: Tensor | None = None, *, R_gate
     return torch.stack(out, dim=1).to(dtype), final
 
 
-def lstm_loop(x_proj: Tensor, R: Tensor, p: Tensor | None = None, *, R_gates: Tensor | None = None,
-              variant: str = "vanilla", initial_state: State | None = None,
-              output_final_state: bool = False) -> tuple[Tensor, State | None]:
+def lstm_bptt(x_proj: Tensor, R: Tensor, p: Tensor | None = None, *, R_gates: Tensor | None = None,
+              variant: str = "vanilla", initial_state: LSTMState | None = None,
+              output_final_state: bool = False) -> tuple[Tensor, LSTMState | None]:
     """lstm_recurrent's loop inside one autograd Function whose backward (BPTT) is written out: the same
     arguments and results, without an autograd graph of ~15 nodes per step. The recurrent weights'
     and peepholes' gradients are then a few big products over all steps, after the loop."""
@@ -231,4 +231,4 @@ def _h(variant: str, c: Tensor) -> Tensor:
     return c if variant == "NOAF" else torch.tanh(c)
 
 
-LSTM_MODES = {"recurrent": lstm_recurrent, "loop": lstm_loop}
+LSTM_MODES = {"recurrent": lstm_recurrent, "bptt": lstm_bptt}

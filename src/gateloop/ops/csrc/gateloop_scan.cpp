@@ -1,6 +1,6 @@
 // GateLoop's scan as fused CPU loops: the forward recurrence with its output, and the adjoint
 // recurrence with every gradient. The PyTorch reference is gateloop/ops/gateloop.py: _GateLoopScan;
-// gateloop/ops/fused.py loads this file and documents it. Two pairs of loops:
+// gateloop/ops/gateloop_fused.py loads this file and documents it. Two pairs of loops:
 //   forward_loop / backward_loop:           max-headed (K = V = 1), vectorised over heads;
 //   head_forward_loop / head_backward_loop: a [K, V] state per head, vectorised over V;
 // behind one pair of entry points, forward and backward, at the end of the file.
