@@ -33,7 +33,7 @@ from gateloop.bench import SHAPES, chunk_flops, gemm_gflops, median_time
 from gateloop.layers import MIXERS
 from gateloop.models import LanguageModel, ModelConfig
 from gateloop.ops import gateloop_scan
-from gateloop.ops.fused import fused_scan_available
+from gateloop.ops.gateloop_fused import fused_scan_available
 
 PEERS = Path(__file__).parent / ".peers"
 
@@ -191,7 +191,7 @@ def section_rnn(peers, repeat) -> list[dict]:
             ("minGRU (mingru-pytorch)", peers["minGRU"](D), False),
             ("minGRU (ours, mode=scan: the paper's log-space scan)", MIXERS["mingru"](D, mode="scan"), True)]),
         (torch.randn(B, 512, D), "T=512", [
-            ("LSTM (ours, NP variant = nn.LSTM's maths, mode=loop)", MIXERS["lstm"](D, variant="NP"), True),
+            ("LSTM (ours, NP variant = nn.LSTM's maths, mode=bptt)", MIXERS["lstm"](D, variant="NP"), True),
             ("torch.nn.LSTM", torch.nn.LSTM(D, D, batch_first=True), True),
             ("LSTM (ours, NP, mode=recurrent: autograd through the loop)",
              MIXERS["lstm"](D, variant="NP", mode="recurrent"), True)]),

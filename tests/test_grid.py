@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -237,3 +238,13 @@ def test_a_result_made_under_other_mixer_defaults_is_stale(finished):
         assert not is_done(run, results)
     finally:
         result_path.write_text(original)
+
+
+GRIDS = sorted((Path(__file__).parents[1] / "configs" / "grids").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=[p.stem for p in GRIDS])
+def test_every_shipped_grid_file_loads(path):
+    """Each grid in configs/grids/ parses, and every run's overrides make a valid config."""
+    grid = load_grid(path, results_root=path.parents[2] / "results")
+    assert grid.name == path.stem and grid.runs
