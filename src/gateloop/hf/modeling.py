@@ -190,11 +190,18 @@ class GateLoopForCausalLM(GateLoopPreTrainedModel, GenerationMixin):
         """transformers' loader, refusing a checkpoint whose weights do not all match the config
         (it would otherwise fill the gaps with fresh random weights and only warn)."""
         asked = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        where = args[0] if args else "checkpoint"
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except RuntimeError as e:  # transformers' own refusal of weights of the wrong shape, after its report
+            if "mismatched" not in str(e):
+                raise
+            raise UserError(f"{where}: the weights do not match config.json: their shapes differ (the load "
+                            f"report above lists them)") from None
         bad = {k: sorted(v)[:3] for k, v in info.items() if k in ("missing_keys", "unexpected_keys",
                                                                   "mismatched_keys") and v}
         if bad:
-            raise UserError(f"{args[0] if args else 'checkpoint'}: the weights do not match config.json: "
+            raise UserError(f"{where}: the weights do not match config.json: "
                             + "; ".join(f"{k} {v}" for k, v in bad.items()))
         return (model, info) if asked else model
 
@@ -236,8 +243,9 @@ class GateLoopForCausalLM(GateLoopPreTrainedModel, GenerationMixin):
             cache.advance(state, T)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten().to(logits.device),
-                                   ignore_index=-100)
+            # As train.py computes it: at least float32 (bfloat16 logits are upcast).
+            scores = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+            loss = F.cross_entropy(scores.flatten(0, 1), labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
