@@ -12,17 +12,19 @@ from gateloop.models import LanguageModel, ModelConfig
 # Small options so that every mixer builds at d_model = 16; chunk sizes below the prompt lengths.
 SMALL = {"transformer": {"head_dim": 8}, "hgrn2": {"head_dim": 4, "chunk_size": 4}, "fox": {"head_dim": 8},
          "gateloop": {"chunk_size": 4}, "mingru": {"chunk_size": 4}, "minlstm": {"chunk_size": 4},
-         **{m: {"head_dim": 8, "expansion": 1.0, "gate_rank": 2, "chunk_size": 4} for m in ("moneta", "yaad", "memora")}}
+         **{m: {"head_dim": 8, "expansion": 1.0, "gate_rank": 2, "chunk_size": 4}
+            for m in ("moneta", "yaad", "memora")}}
 
 
-def model_config(mixer: str, vocab_size: int = 256) -> ModelConfig:
-    return ModelConfig(mixer=mixer, vocab_size=vocab_size, d_model=16, n_layers=2, mixer_options=SMALL.get(mixer, {}))
+def model_config(mixer: str, vocab_size: int = 256, n_layers: int = 2) -> ModelConfig:
+    return ModelConfig(mixer=mixer, vocab_size=vocab_size, d_model=16, n_layers=n_layers,
+                       mixer_options=SMALL.get(mixer, {}))
 
 
 def make_run(path, mixer: str, seed: int = 0):
     """A run directory holding an untrained tiny byte-level model (what `gateloop train` writes at step 0)."""
     cfg = RunConfig()
-    cfg.model = model_config(mixer)
+    cfg.model = model_config(mixer, n_layers=1)  # one layer: these runs go through export, load and generate
     torch.manual_seed(seed)
     model = LanguageModel(cfg.model)
 

@@ -91,11 +91,11 @@ def test_greedy_generate_equals_gateloop_generate(mixer, exported, capsys):
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     lengths = []
     model.register_forward_pre_hook(lambda m, args, kw: lengths.append(kw["input_ids"].shape[1]), with_kwargs=True)
-    tokens = model.generate(ids, max_new_tokens=12, do_sample=False)
-    assert lengths == [len(prompt)] + [1] * 11  # the prompt once, then each new token once
+    tokens = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert lengths == [len(prompt)] + [1] * 7  # the prompt once, then each new token once
     own, _, _ = load_run(run)
-    assert torch.equal(tokens, own.generate(ids, 12, temperature=0))
-    assert main(["generate", "--run", str(run), "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    assert torch.equal(tokens, own.generate(ids, 8, temperature=0))
+    assert main(["generate", "--run", str(run), "--prompt", prompt, "--max-new-tokens", "8", "--temperature", "0"]) == 0
     assert capsys.readouterr().out == tokenizer.decode(tokens[0]) + "\n"
 
 
@@ -109,7 +109,7 @@ def test_left_padded_batches_equal_each_prompt_alone_or_name_the_mixer(mixer):
     mask = torch.zeros(3, 7, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, 7 - len(p):], mask[i, 7 - len(p):] = p, 1
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=255)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=255)
     if mixer not in PADDABLE_MIXERS:
         with pytest.raises(ValueError, match=f"mixer '{mixer}' does not support padding"):
             model.generate(ids, attention_mask=mask, **kw)
@@ -263,6 +263,7 @@ def test_export_without_transformers_names_the_install(monkeypatch, capsys, tmp_
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else real(name, *a))
     assert main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "pip install 'gateloop[hf]'" in capsys.readouterr().err

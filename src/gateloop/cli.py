@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="sample a continuation of a prompt from a trained run")
+    p = sub.add_parser("generate", help="sample a continuation of a prompt from a trained run, printed as it "
+                       "is made")
     p.add_argument("--run", default=str(LATEST), help="run directory (default: runs/latest)")
     p.add_argument("--prompt", default="\n")
     p.add_argument("--max-new-tokens", type=int, default=200)

@@ -2,7 +2,7 @@
 
     config = GateLoopConfig.from_model_config(run_cfg.model)       # model_type "gateloop"
     model = GateLoopForCausalLM(config)                           # wraps LanguageModel as model.model
-    out = model(input_ids, labels=input_ids)                      # CausalLMOutputWithPast; out.loss is the project's loss
+    out = model(input_ids, labels=input_ids)                      # out.loss: the project's loss
     model.generate(input_ids, max_new_tokens=50, do_sample=True, top_p=0.9)
 
 The state of every layer (a recurrent state, a KV cache, a memory's weights) lives in one GateLoopCache,
