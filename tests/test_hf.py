@@ -175,6 +175,8 @@ def test_byte_tokenizer_gives_gateloops_ids_and_a_prefix_id_text_never_yields(tm
     assert ids == ByteTokenizer().encode(TEXT) and 255 not in ids  # 'ÿ' in the text is bytes C3 BF
     assert tok.bos_token_id == tok.eos_token_id == tok.pad_token_id == tok.prefix_token_id == 255
     assert tok.decode(ids) == TEXT and tok.decode([255, *ids], skip_special_tokens=True) == TEXT
+    batch = tok(["ab", "abcd"], padding=True)  # on the left, with the prefix id, for generate
+    assert batch.input_ids[0] == [255, 255, 97, 98] and batch.attention_mask[0] == [0, 0, 1, 1]
     tok.save_pretrained(tmp_path)
     again = AutoTokenizer.from_pretrained(tmp_path)
     assert isinstance(again, GateLoopTokenizer) and again(TEXT).input_ids == ids and again.eos_token_id == 255

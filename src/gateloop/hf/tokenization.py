@@ -34,6 +34,7 @@ class GateLoopTokenizer(PreTrainedTokenizer):
 
     vocab_files_names = {"bpe_file": BPE_FILE}
     model_input_names = ["input_ids", "attention_mask"]
+    padding_side = "left"  # batches for generate: a causal model continues from each row's last token
 
     def __init__(self, bpe_file: str | None = None, kind: str = "byte", **kwargs):
         kwargs.pop("tokenizer_file", None)  # transformers offers a fast tokenizer file; there is none
