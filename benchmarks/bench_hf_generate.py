@@ -25,8 +25,9 @@ SMALL_HEADS = {"transformer": {"head_dim": 32}, "fox": {"head_dim": 32}, "hgrn2"
 
 def per_token_seconds(model, prompt: torch.Tensor, new: int, repeat: int, use_cache: bool = True) -> float:
     def run(n):
-        return lambda: model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                      use_cache=use_cache, pad_token_id=0)
+        # An explicit mask: without one, generate would take every pad id in the prompt for padding.
+        return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, use_cache=use_cache, pad_token_id=255)
     return (median_time(run(1 + new), repeat=repeat) - median_time(run(1), repeat=repeat)) / new
 
 
