@@ -83,6 +83,8 @@ def cmd_eval(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    import torch
+
     from .checkpoint import load_run
     from .textstream import stream_text
     from .train import resolve_device
@@ -100,8 +102,6 @@ def cmd_generate(args) -> None:
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise UserError("the prompt is empty: give at least one character with --prompt")
-    import torch
-
     g = torch.Generator(device=device).manual_seed(args.seed)
     for piece in stream_text(model, tokenizer, ids, args.max_new_tokens, stop=args.stop, device=device,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=g):

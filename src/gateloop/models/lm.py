@@ -120,6 +120,7 @@ class LanguageModel(nn.Module):
                 logits, state = self(token, state)
                 logits = logits[:, -1]
 
+
 def sample(logits: Tensor, temperature: float, top_k: int | None, generator=None, *,
            top_p: float | None = None) -> Tensor:
     """One token per row of logits [B, vocab] -> [B, 1]: greedy at temperature 0, else sampling from the
