@@ -65,6 +65,22 @@ def test_generate_continues_the_prompt(run, capsys):
     assert text.startswith("the cat") and len(text.encode()) >= len("the cat") + 10
 
 
+def test_generate_streams_and_stops_before_the_stop_text(run, capsys, monkeypatch):
+    args = ["generate", "--run", str(run), "--prompt", "the", "--max-new-tokens", "40", "--top-p", "0.95"]
+    assert main(args) == 0
+    full = capsys.readouterr().out
+    writes = []
+    monkeypatch.setattr(sys.stdout, "write", lambda s: writes.append(s) or len(s))
+    assert main(args) == 0
+    monkeypatch.undo()
+    assert "".join(writes) == full and len([w for w in writes if w]) > 2  # pieces as they were made
+    continuation = full[len("the"):-1]
+    stop = next(c for c in continuation[3:] if c.isprintable() and c != "\ufffd")  # a character it will write
+    assert main([*args, "--stop", stop, "--stop", "never written"]) == 0
+    assert capsys.readouterr().out == "the" + continuation[:continuation.index(stop)] + "\n"
+    assert main([*args, "--top-p", "1.5"]) == 2 and "--top-p" in capsys.readouterr().err
+
+
 def test_transformer_baseline_and_bpe_train(corpus, tmp_path):
     out = tmp_path / "tf"
     assert main(["train", "--out", str(out), "--set", f"data.path={corpus}", "--set", "model.mixer=transformer",

@@ -1,4 +1,4 @@
-"""The command line: a thin argparse front over train / eval / generate.
+"""The command line: a thin argparse front over train / eval / generate / export.
 
 Bad input (config, data, run directories) is a UserError: one line on stderr, exit code 2.
 """
@@ -84,9 +84,12 @@ def cmd_generate(args) -> None:
 
     from .checkpoint import load_run
     from .distributed import resolve_device
+    from .textstream import stream_text
 
     if args.max_new_tokens < 0 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
         raise UserError("--max-new-tokens and --temperature must be >= 0, --top-k >= 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     device = resolve_device(args.device)
     model, tokenizer, _ = load_run(args.run, device)
     try:
@@ -96,10 +99,24 @@ def cmd_generate(args) -> None:
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise UserError("the prompt is empty: give at least one character with --prompt")
-    prompt = torch.tensor([ids], dtype=torch.long, device=device)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=g)
-    print(tokenizer.decode(out[0].tolist()))
+    for piece in stream_text(model, tokenizer, ids, args.max_new_tokens, stop=args.stop, device=device,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=g):
+        sys.stdout.write(piece)
+        sys.stdout.flush()  # each piece as it is made
+    sys.stdout.write("\n")
+
+
+def cmd_export(args) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        raise UserError("gateloop export needs transformers: pip install 'gateloop[hf]'")
+    from .hf.export import export_run
+
+    out = export_run(args.run, args.out)
+    print(f"exported {args.run} to {out}: load it with AutoModelForCausalLM.from_pretrained after "
+          f"`import gateloop.hf` (docs/hf.md)")
 
 
 def cmd_task_run(args) -> None:
@@ -229,15 +246,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="sample a continuation of a prompt from a trained run")
+    p = sub.add_parser("generate", help="sample a continuation of a prompt from a trained run, printed as it "
+                       "is made")
     p.add_argument("--run", default=str(LATEST), help="run directory (default: runs/latest)")
     p.add_argument("--prompt", default="\n")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample from the fewest most likely tokens whose probabilities reach P (nucleus; default off)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the continuation before the first TEXT it contains (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="write a run as a Hugging Face transformers model folder (docs/hf.md; "
+                       "needs pip install 'gateloop[hf]')")
+    p.add_argument("--run", default=str(LATEST), help="run directory (default: runs/latest)")
+    p.add_argument("--out", required=True, help="folder to create: config.json, model.safetensors, tokenizer files")
+    p.set_defaults(func=cmd_export)
     add_task_commands(sub)
 
     p = sub.add_parser("grid", help="run an experiment grid (cells x seeds, resumable) and tabulate or plot "

@@ -5,7 +5,7 @@ import torch
 from conftest import assert_close_rms
 
 from gateloop.layers import MIXERS
-from gateloop.models import LanguageModel, ModelConfig
+from gateloop.models import LanguageModel, ModelConfig, sample
 from gateloop.testing import state_tensors
 
 def tiny(mixer="gateloop", **kw):
@@ -84,3 +84,23 @@ def test_generating_no_tokens_returns_the_prompt_and_empty_logits():
     prompt = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(0))
     out, seen = model.generate(prompt, 0, return_logits=True)
     assert torch.equal(out, prompt) and seen.shape == (2, 0, model.cfg.vocab_size)
+
+
+def test_top_p_keeps_the_fewest_tokens_reaching_p():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)  # probabilities .644 .237 .087 .032
+    g = torch.Generator().manual_seed(0)
+    drawn = sample(logits, 1.0, None, g, top_p=0.7).flatten()
+    assert set(drawn.tolist()) == {0, 1}  # .644 < .7, so the second joins; .881 >= .7, so the third does not
+    assert (drawn == 0).float().mean().item() == pytest.approx(0.644 / 0.881, abs=0.04)
+    assert set(sample(logits, 1.0, None, g, top_p=0.5).flatten().tolist()) == {0}  # the most likely always stays
+    assert set(sample(logits, 1.0, None, g, top_p=1.0).flatten().tolist()) == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="top_p"):
+        tiny().generate(torch.zeros(1, 2, dtype=torch.long), 3, top_p=0.0)
+
+
+def test_stream_yields_what_generate_returns():
+    model = tiny("hgrn")
+    prompt = torch.randint(0, 11, (2, 4), generator=torch.Generator().manual_seed(0))
+    steps = list(model.stream(prompt, 6, temperature=0.9, top_p=0.8, generator=torch.Generator().manual_seed(1)))
+    out = model.generate(prompt, 6, temperature=0.9, top_p=0.8, generator=torch.Generator().manual_seed(1))
+    assert len(steps) == 6 and torch.equal(torch.cat([prompt, *[t for t, _ in steps]], 1), out)

@@ -80,7 +80,7 @@ class LanguageModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
                  return_logits: bool = False):
         """Sample a continuation of prompt [B, T0] (int64): tokens [B, T0 + max_new_tokens].
 
@@ -88,24 +88,39 @@ class LanguageModel(nn.Module):
         recurrent mixer's memory per token does not grow with the context. temperature 0 is greedy.
         With return_logits, also returns the logits [B, max_new_tokens, vocab] each token was drawn from.
         """
+        tokens, seen = [prompt], []
+        for token, logits in self.stream(prompt, max_new_tokens, temperature=temperature, top_k=top_k,
+                                         top_p=top_p, generator=generator):
+            tokens.append(token)
+            seen.append(logits)
+        out = torch.cat(tokens, dim=1)
+        if not return_logits:
+            return out
+        if not seen:
+            return out, self.head.weight.new_empty(out.shape[0], 0, self.cfg.vocab_size)
+        return out, torch.stack(seen, dim=1)
+
+    @torch.no_grad()
+    def stream(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, generator: torch.Generator | None = None):
+        """generate() one step at a time: yields (token [B, 1], the logits [B, vocab] it was drawn from)."""
         if prompt.dim() != 2 or prompt.shape[1] < 1:
             raise ValueError(f"prompt must be [B, T0] with T0 >= 1; got shape {tuple(prompt.shape)}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         check_token_ids(prompt, self.cfg.vocab_size)
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if max_new_tokens < 1:
+            return
         logits, state = self(prompt)
         logits = logits[:, -1]
-        tokens, seen = [prompt], []
         for i in range(max_new_tokens):
-            seen.append(logits)
-            tokens.append(sample(logits, temperature, top_k, generator))  # [B, 1]
+            token = sample(logits, temperature, top_k, generator, top_p=top_p)  # [B, 1]
+            yield token, logits
             if i + 1 < max_new_tokens:  # the last token's own logits are never needed
-                logits, state = self(tokens[-1], state)
+                logits, state = self(token, state)
                 logits = logits[:, -1]
-        out = torch.cat(tokens, dim=1)
-        if not return_logits:
-            return out
-        return out, (torch.stack(seen, dim=1) if seen else logits.new_empty(logits.shape[0], 0, logits.shape[-1]))
 
 
 def check_token_ids(tokens: Tensor, vocab_size: int) -> None:
@@ -117,8 +132,10 @@ def check_token_ids(tokens: Tensor, vocab_size: int) -> None:
                              f"got ids from {lo.item()} to {hi.item()}")
 
 
-def sample(logits: Tensor, temperature: float, top_k: int | None, generator=None) -> Tensor:
-    """One token per row of logits [B, vocab] -> [B, 1]: greedy at temperature 0, else top-k sampling."""
+def sample(logits: Tensor, temperature: float, top_k: int | None, generator=None, *,
+           top_p: float | None = None) -> Tensor:
+    """One token per row of logits [B, vocab] -> [B, 1]: greedy at temperature 0, else sampling from the
+    top_k most likely tokens and, with top_p, from the fewest most likely whose probabilities reach top_p."""
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     logits = logits.float() / temperature
@@ -126,4 +143,9 @@ def sample(logits: Tensor, temperature: float, top_k: int | None, generator=None
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # the mass of the tokens ranked above each
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0)  # the most likely always stays
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator)

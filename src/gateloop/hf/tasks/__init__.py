@@ -1,0 +1,1 @@
+"""lm-evaluation-harness task files (YAML, JSONL) for gateloop models; built by data.py."""
