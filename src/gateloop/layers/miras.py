@@ -43,10 +43,11 @@ class _Miras(nn.Module):
         q_t, k_t = RMSNorm(W_q x_t), RMSNorm(W_k x_t)    v_t = W_v x_t        (per head)
         alpha_t = sigma(U_a D_a x_t + b_a)               per channel, retention in (0, 1)
         eta_t = eta_max sigma(U_e D_e x_t + b_e)         per channel, learning rate in (0, eta_max)
-        o_t = M(W_s; q_t),   W updated chunk by chunk by the rule of ops/miras.py
+        o_t = M(W_{t-1}; q_t)   the memory after every earlier token (gradients at the chunk start)
         out_t = W_o( RMSNorm(o_t) (.) silu(W_g x_t) )    (output_gate=False drops the gate)
 
-    W_s is the memory at the start of t's chunk (chunks at absolute positions). The memory restarts
+    The inner gradients are taken at the memory at the start of t's chunk (chunks at absolute
+    positions), the rule of ops/miras.py. The memory restarts
     from learned initial weights (per head, shared by the batch) whenever state is None.
 
     Options: head_dim (None: gcd(d_model, 64), i.e. 64 for the usual widths and d_model itself below
@@ -143,7 +144,9 @@ class _Miras(nn.Module):
 class Moneta(_Miras):
     """EXPERIMENTAL. Miras's Moneta: l_p attentional bias (p = 3) with l_q retention (q = 4).
 
-        A_t = alpha_t A_{t-1} - eta_t grad (1/p)||M(W_s; k_t) - v_t||_p^p,   W = A / ||A||_q^(q-2)
+        A_t = alpha_t A_{t-1} - eta_t grad (1/p)||M(W_s; k_t) - v_t||_p^p,   W = A / ||A||_nu^(q-2)
+
+    ||A||_nu = (sum |A|^q + nu^q)^(1/q), nu = 0.05: the floor keeps W bounded once retention empties A.
 
     Options p >= 2, q >= 2 besides those of the family (see _Miras). The memory starts from weights
     W_0 ~ N(0, 1 / fan_in), stored as the A_0 with W(A_0) = W_0.

@@ -8,13 +8,15 @@ The memory, per (batch element, head), maps a key dim Dh to the same Dh (the res
 Each rule keeps its own parameterisation P of W (the "accumulator") and updates it with per-channel
 retention alpha_t and learning rate eta_t (channel i scales row i of W1 and column i of W2):
 
-    moneta: P = A,     A_t = alpha_t A_{t-1} - eta_t G_t,             W = A / ||A||_q^(q-2)  (per matrix)
+    moneta: P = A,     A_t = alpha_t A_{t-1} - eta_t G_t,             W = A / ||A||_nu^(q-2)  (per matrix,
+                       ||A||_nu = (sum |A|^q + nu^q)^(1/q): a floor that keeps W bounded)
     yaad:   P = W,     W_t = alpha_t W_{t-1} - eta_t G_t
     memora: P = log W, log W_t = log_softmax(alpha_t log W_{t-1} - eta_t G_t)   over the hidden axis F
 
 G_t = grad_W l(M(W_s; k_t) - v_t) is taken at the chunk-start weights W_s ("mini-batch" gradient
 descent), with l = (1/p)||e||_p^p (moneta), the per-coordinate Huber loss with threshold delta_t
-(yaad), or (1/2)||e||^2 (memora). Retrieval reads the chunk-start weights too: o_t = M(W_s; q_t).
+(yaad), or (1/2)||e||^2 (memora). Retrieval reads every earlier token, read before write:
+o_t = M(W_{t-1}; q_t), W_{t-1} from the running accumulator (Moneta: over the chunk-start normaliser).
 Chunks sit at absolute positions; a state carries the chunk-start accumulator ("w1", "w2"), the
 running one ("u1", "u2": the sufficient statistic of the tokens of the unfinished chunk) and
 "n", the number of those tokens (a Python int, 0 <= n < chunk_size).
@@ -193,9 +195,10 @@ def _prepare(q, k, v, log_alpha, eta, delta, rule, initial_state, chunk_size, p,
 
 def miras_chunked(q, k, v, log_alpha, eta, *, rule, initial_state, delta=None, chunk_size=16, p=3.0,
                   q_retention=4.0, output_final_state=False) -> tuple[Tensor, State | None]:
-    """The training form: per segment (a chunk, or the part of one this call holds) one batched
-    retrieval and one closed-form gradient sum, weighted by the retention each token's gradient meets
-    before the segment's end: O(T / chunk_size) Python steps."""
+    """The training form: per segment (a chunk, or the part of one this call holds) the per-token
+    terms at the chunk-start weights, one retrieval of every token from the weights after the tokens
+    before it (_read_segment), and one closed-form gradient sum, weighted by the retention each token's
+    gradient meets before the segment's end: O(T / chunk_size) Python steps."""
     in_dtype = v.dtype
     with torch.autocast(q.device.type, enabled=False):
         (q, k, v, log_alpha, eta, delta), (w1, w2, u1, u2), n = _prepare(
@@ -234,8 +237,8 @@ def _inner_loss(rule, W1, W2, k, v, delta, p, scale) -> Tensor:
 
 def miras_recurrent(q, k, v, log_alpha, eta, *, rule, initial_state, delta=None, chunk_size=16, p=3.0,
                     q_retention=4.0, output_final_state=False) -> tuple[Tensor, State | None]:
-    """The reference: the same chunked rule one token at a time, the inner gradient by autodiff
-    (torch.func.grad, which the outer backward pass differentiates through)."""
+    """The reference: the same chunked rule one token at a time (read, then write), the inner gradient
+    by autodiff (torch.func.grad, which the outer backward pass differentiates through)."""
     in_dtype = v.dtype
     with torch.autocast(q.device.type, enabled=False):
         (q, k, v, log_alpha, eta, delta), (w1, w2, u1, u2), n = _prepare(
