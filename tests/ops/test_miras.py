@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from conftest import TOL, assert_close_rms
 
-from gateloop.ops.miras import RULES, memory_forward, memory_weights, miras_chunked, miras_recurrent
+from gateloop.ops.miras import (MONETA_NORM_FLOOR, RULES, memory_forward, memory_weights, miras_chunked,
+                               miras_recurrent, read_weights)
 
 B, H, DH, FH = 2, 2, 4, 8
 STATE_KEYS = ("w1", "w2", "u1", "u2")
@@ -128,7 +129,8 @@ def paper_recurrence(rule, q, k, v, log_alpha, eta, delta, w1, w2, p=3.0, q_ret=
             P1, P2 = w1[b, h], w2[b, h]  # A (moneta), W (yaad), log W (memora)
             for t in range(q.shape[1]):
                 if rule == "moneta":
-                    W1, W2 = (P / (P.abs() ** q_ret).sum() ** ((q_ret - 2) / q_ret) for P in (P1, P2))
+                    W1, W2 = (P / ((P.abs() ** q_ret).sum() + MONETA_NORM_FLOOR ** q_ret) ** ((q_ret - 2) / q_ret)
+                              for P in (P1, P2))
                 else:
                     W1, W2 = (P.exp() for P in (P1, P2)) if rule == "memora" else (P1, P2)
                 o[b, t, h] = M(W1, W2, q[b, t, h])
@@ -176,35 +178,69 @@ def test_split_sequence_equals_one_call(rule):
 
 @pytest.mark.parametrize("rule", RULES)
 @torch.no_grad()
-def test_retrieval_reads_the_chunk_start_weights(rule):
-    """Inside the first chunk nothing written yet is read: every output is M(W_0; q_t), and the
-    chunk-start accumulators stay those given while the running ones move."""
-    leaves, eta_max = make_leaves(9, rule, seed=5)
+def test_each_token_reads_every_earlier_token(rule):
+    """Read before write, token by token inside a chunk: o_t = M(W(u after tokens < t); q_t), with the
+    gradients still taken at the chunk-start weights, so o_t depends on k_{t-1} and v_{t-1} of its own
+    chunk but not on k_t, v_t; the first token reads W_0, and the chunk-start accumulators stay put."""
+    T, t = 9, 6
+    leaves, eta_max = make_leaves(T, rule, seed=5)
     args, kwargs = assemble(leaves, eta_max, rule)
     o, state = miras_chunked(*args, **kwargs, chunk_size=16, output_final_state=True)
     w1, w2 = kwargs["initial_state"]["w1"], kwargs["initial_state"]["w2"]
     scale = FH if rule == "memora" else 1.0
-    expected = memory_forward(*memory_weights(rule, w1, w2), args[0].transpose(1, 2), scale).transpose(1, 2)
-    assert_close_rms(o, expected, what="outputs inside the first chunk")
-    assert state["n"] == 9 and torch.equal(state["w1"], w1) and torch.equal(state["w2"], w2)
-    assert not torch.allclose(state["u1"], w1)
+    q = args[0].transpose(1, 2)
+    first = memory_forward(*memory_weights(rule, w1, w2), q[:, :, :1], scale).transpose(1, 2)
+    assert_close_rms(o[:, :1], first, what="the first token reads W_0")
+    head = [a[:, :t] for a in args]
+    delta = kwargs["delta"]
+    _, s_t = miras_chunked(*head, **{**kwargs, "delta": None if delta is None else delta[:, :t]},
+                           chunk_size=16, output_final_state=True)
+    o_t = memory_forward(*read_weights(rule, s_t), q[:, :, t:t + 1], scale).transpose(1, 2)
+    assert_close_rms(o[:, t:t + 1], o_t, what="token t reads the weights after tokens < t")
+    assert state["n"] == T and torch.equal(state["w1"], w1) and torch.equal(state["w2"], w2)
+    for i, name in ((1, "k"), (2, "v")):
+        for j, changes in ((t - 1, True), (t, False)):
+            moved = list(args)
+            moved[i] = moved[i].clone()
+            # A random push: a constant one is invisible to the memory's LayerNorm (it removes the mean).
+            moved[i][:, j] += torch.randn(moved[i][:, j].shape, generator=torch.Generator().manual_seed(j),
+                                          dtype=moved[i].dtype)
+            o_moved, _ = miras_chunked(*moved, **kwargs, chunk_size=16)
+            assert (o_moved[:, t] - o[:, t]).abs().max() > 1e-6 if changes else torch.equal(o_moved[:, t], o[:, t]), \
+                f"{rule}: o_{t} vs {name}_{j}"
 
 
 @torch.no_grad()
 def test_moneta_lq_normalisation():
-    """W = A / ||A||_q^(q-2) per matrix: for q = 4, ||W||_4 ||A||_4 = 1 and W ||A||_4^2 = A, and
-    scaling A by c scales W by c^(3 - q)."""
+    """W = A / ||A||_nu^(q-2) per matrix, ||A||_nu = (sum |A|^q + nu^q)^(1/q): for q = 4,
+    W ||A||_nu^2 = A; far above the floor W(3A) = W(A) / 3 as in the paper; q = 3 ignores the scale."""
     leaves, eta_max = make_leaves(11, "moneta", seed=6)
     args, kwargs = assemble(leaves, eta_max, "moneta")
     _, state = miras_chunked(*args, **kwargs, chunk_size=4, output_final_state=True)
     for A, W in zip((state["w1"], state["w2"]), memory_weights("moneta", state["w1"], state["w2"])):
-        norm_A, norm_W = (x.abs().pow(4).sum((-2, -1)).pow(0.25) for x in (A, W))
-        assert_close_rms(norm_A * norm_W, torch.ones_like(norm_A), what="||W||_4 ||A||_4")
-        assert_close_rms(W * norm_A[..., None, None] ** 2, A, what="W ||A||_4^2")
-    W1 = memory_weights("moneta", state["w1"], state["w2"], 4.0)[0]
-    assert_close_rms(memory_weights("moneta", 3 * state["w1"], state["w2"], 4.0)[0], W1 / 3, what="W(3A), q=4")
-    W1_q3 = memory_weights("moneta", state["w1"], state["w2"], 3.0)[0]
-    assert_close_rms(memory_weights("moneta", 3 * state["w1"], state["w2"], 3.0)[0], W1_q3, what="W(3A), q=3")
+        norm_A = (A.abs().pow(4).sum((-2, -1)) + MONETA_NORM_FLOOR ** 4).pow(0.25)
+        assert_close_rms(W * norm_A[..., None, None] ** 2, A, what="W ||A||_nu^2")
+    big = 100 * state["w1"]
+    W1 = memory_weights("moneta", big, state["w2"], 4.0)[0]
+    assert_close_rms(memory_weights("moneta", 3 * big, state["w2"], 4.0)[0], W1 / 3, tol=1e-8, what="W(3A), q=4")
+    W1_q3 = memory_weights("moneta", big, state["w2"], 3.0)[0]
+    assert_close_rms(memory_weights("moneta", 3 * big, state["w2"], 3.0)[0], W1_q3, tol=1e-8, what="W(3A), q=3")
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-12, 1e-3, 1.0, 1e3])
+def test_moneta_weights_stay_bounded_when_retention_empties_the_memory(scale):
+    """The floor keeps ||W||_4 <= 1 / (sqrt(2) nu) at any scale of A, in float32 too (without it,
+    W = A / ||A||_4^2 blew up as A shrank and turned NaN once sum |A|^4 underflowed), and an
+    emptied accumulator reads as an empty memory (W -> 0)."""
+    A = torch.randn(2, 3, 8, 16) * scale
+    A.requires_grad_()
+    W1, _ = memory_weights("moneta", A, A.transpose(-1, -2))
+    norm_W = W1.abs().pow(4).sum((-2, -1)).pow(0.25)
+    assert torch.isfinite(W1).all() and (norm_W <= 1 / (math.sqrt(2) * MONETA_NORM_FLOOR) * (1 + 1e-5)).all()
+    if scale <= 1e-12:
+        assert (norm_W < 1e-6).all()
+    (grad,) = torch.autograd.grad(W1.sum(), A)
+    assert torch.isfinite(grad).all()
 
 
 @torch.no_grad()

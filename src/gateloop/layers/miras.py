@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.miras import MIRAS_MODES, State
+from ..ops.miras import MIRAS_MODES, MemoryState
 from .base import Mixer, register_mixer
-from .common import RMSNorm
+from .common import RMSNorm, gated_output
 
 ALPHA_BIAS_INIT = 5.0  # sigma(5) = 0.9933: the memory's retention time starts at ~150 tokens
 DELTA_INIT = 1.0  # Yaad's Huber threshold at init, in units of the (unit-RMS) memory error
@@ -44,10 +44,11 @@ class _Miras(Mixer):
         q_t, k_t = RMSNorm(W_q x_t), RMSNorm(W_k x_t)    v_t = W_v x_t        (per head)
         alpha_t = sigma(U_a D_a x_t + b_a)               per channel, retention in (0, 1)
         eta_t = eta_max sigma(U_e D_e x_t + b_e)         per channel, learning rate in (0, eta_max)
-        o_t = M(W_s; q_t),   W updated chunk by chunk by the rule of ops/miras.py
+        o_t = M(W_{t-1}; q_t)   the memory after every earlier token (gradients at the chunk start)
         out_t = W_o( RMSNorm(o_t) (.) silu(W_g x_t) )    (output_gate=False drops the gate)
 
-    W_s is the memory at the start of t's chunk (chunks at absolute positions). The memory restarts
+    The inner gradients are taken at the memory at the start of t's chunk (chunks at absolute
+    positions), the rule of ops/miras.py. The memory restarts
     from learned initial weights (per head, shared by the batch) whenever state is None.
 
     Options: head_dim (None: gcd(d_model, 64), i.e. 64 for the usual widths and d_model itself below
@@ -118,7 +119,7 @@ class _Miras(Mixer):
         return {"log_alpha": F.logsigmoid(self.W_alpha(x)).view(shape),
                 "eta": (self.eta_max * torch.sigmoid(self.W_eta(x))).view(shape)}
 
-    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+    def forward(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
         B, T, D = x.shape
         H, Dh = self.n_heads, self.head_dim
         q = self.q_norm(self.W_q(x).view(B, T, H, Dh))
@@ -131,10 +132,7 @@ class _Miras(Mixer):
         o, new_state = MIRAS_MODES[self.mode](
             q, k, v, gates.pop("log_alpha"), gates.pop("eta"), rule=self.RULE, initial_state=state,
             chunk_size=self.chunk_size, output_final_state=True, **gates, **self.rule_options())
-        y = self.out_norm(o.to(x.dtype)).reshape(B, T, D)
-        if self.W_g is not None:
-            y = y * F.silu(self.W_g(x))
-        return self.W_o(y), new_state
+        return gated_output(o.to(x.dtype), x, self.out_norm, self.W_g, self.W_o), new_state
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, head_dim={self.head_dim}, "
@@ -145,7 +143,9 @@ class _Miras(Mixer):
 class Moneta(_Miras):
     """EXPERIMENTAL. Miras's Moneta: l_p attentional bias (p = 3) with l_q retention (q = 4).
 
-        A_t = alpha_t A_{t-1} - eta_t grad (1/p)||M(W_s; k_t) - v_t||_p^p,   W = A / ||A||_q^(q-2)
+        A_t = alpha_t A_{t-1} - eta_t grad (1/p)||M(W_s; k_t) - v_t||_p^p,   W = A / ||A||_nu^(q-2)
+
+    ||A||_nu = (sum |A|^q + nu^q)^(1/q), nu = 0.05: the floor keeps W bounded once retention empties A.
 
     Options p >= 2, q >= 2 besides those of the family (see _Miras). The memory starts from weights
     W_0 ~ N(0, 1 / fan_in), stored as the A_0 with W(A_0) = W_0.

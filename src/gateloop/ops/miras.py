@@ -8,13 +8,15 @@ The memory, per (batch element, head), maps a key dim Dh to the same Dh (the res
 Each rule keeps its own parameterisation P of W (the "accumulator") and updates it with per-channel
 retention alpha_t and learning rate eta_t (channel i scales row i of W1 and column i of W2):
 
-    moneta: P = A,     A_t = alpha_t A_{t-1} - eta_t G_t,             W = A / ||A||_q^(q-2)  (per matrix)
+    moneta: P = A,     A_t = alpha_t A_{t-1} - eta_t G_t,             W = A / ||A||_nu^(q-2)  (per matrix,
+                       ||A||_nu = (sum |A|^q + nu^q)^(1/q): a floor that keeps W bounded)
     yaad:   P = W,     W_t = alpha_t W_{t-1} - eta_t G_t
     memora: P = log W, log W_t = log_softmax(alpha_t log W_{t-1} - eta_t G_t)   over the hidden axis F
 
 G_t = grad_W l(M(W_s; k_t) - v_t) is taken at the chunk-start weights W_s ("mini-batch" gradient
 descent), with l = (1/p)||e||_p^p (moneta), the per-coordinate Huber loss with threshold delta_t
-(yaad), or (1/2)||e||^2 (memora). Retrieval reads the chunk-start weights too: o_t = M(W_s; q_t).
+(yaad), or (1/2)||e||^2 (memora). Retrieval reads every earlier token, read before write:
+o_t = M(W_{t-1}; q_t), W_{t-1} from the running accumulator (Moneta: over the chunk-start normaliser).
 Chunks sit at absolute positions; a state carries the chunk-start accumulator ("w1", "w2"), the
 running one ("u1", "u2": the sufficient statistic of the tokens of the unfinished chunk) and
 "n", the number of those tokens (a Python int, 0 <= n < chunk_size).
@@ -37,18 +39,36 @@ from torch import Tensor
 
 RULES = ("moneta", "yaad", "memora")
 LN_EPS = 1e-5
-State = dict  # {"w1", "w2", "u1", "u2": Tensor, "n": int}
+MONETA_NORM_FLOOR = 0.05  # nu: Moneta's l_q norm never falls below it (see _normaliser)
+MemoryState = dict  # {"w1", "w2", "u1", "u2": Tensor, "n": int}
+
+
+def _normaliser(a: Tensor, q_retention: float) -> Tensor:
+    """Moneta's ||A||_q^(q-2) per matrix, with the norm smoothed by a floor: (sum |A|^q + nu^q)^(1/q).
+    Without the floor, retention shrinking A makes W = A / ||A||_q^(q-2) grow as ||A||^(3-q) and the
+    sum underflows (W = inf / NaN after ~3,700 tokens at q = 4); with it ||W||_q <= nu^(3-q) / 2^((q-2)/q)
+    for q >= 3 and an emptied accumulator reads as an empty memory."""
+    norm_q = a.abs().pow(q_retention).sum((-2, -1), keepdim=True) + MONETA_NORM_FLOOR ** q_retention
+    return norm_q.pow((q_retention - 2) / q_retention)
 
 
 def memory_weights(rule: str, w1: Tensor, w2: Tensor, q_retention: float = 4.0) -> tuple[Tensor, Tensor]:
     """The memory weights W of the update rule from their accumulator P (see the module docstring)."""
     if rule == "moneta":
-        def normalise(a):  # A / ||A||_q^(q-2), the norm over the whole matrix
-            return a * a.abs().pow(q_retention).sum((-2, -1), keepdim=True).pow(-(q_retention - 2) / q_retention)
-        return normalise(w1), normalise(w2)
+        return w1 / _normaliser(w1, q_retention), w2 / _normaliser(w2, q_retention)
     if rule == "memora":
         return w1.exp(), w2.exp()
     return w1, w2
+
+
+def read_weights(rule: str, state: MemoryState, q_retention: float = 4.0) -> tuple[Tensor, Tensor]:
+    """The weights a token reads: the running accumulators u (every earlier token written, gradients
+    taken at the chunk start); Moneta divides by the chunk-start normaliser (linear in u inside a
+    chunk, so the chunked form has a closed form). At chunk size 1 this is W_{t-1} exactly."""
+    u1, u2 = state.get("u1", state["w1"]), state.get("u2", state["w2"])
+    if rule == "moneta":
+        return u1 / _normaliser(state["w1"], q_retention), u2 / _normaliser(state["w2"], q_retention)
+    return memory_weights(rule, u1, u2, q_retention)
 
 
 def input_scale(rule: str, hidden: int) -> float:
@@ -72,10 +92,10 @@ def _error_grad(rule: str, e: Tensor, delta: Tensor | None, p: float) -> Tensor:
     return e
 
 
-def _weighted_gradient(rule, W1, W2, k, v, c, delta, p, scale) -> tuple[Tensor, Tensor]:
-    """sum_j c_j (.) grad_W l(W; k_j, v_j) for the tokens j of a segment, in closed form, never
-    materialising a per-token gradient. k, v, c, delta: [B, H, L, Dh] -> ([B, H, Dh, F], [B, H, F, Dh]);
-    c_j weights channel i of token j's gradient (row i of dW1, column i of dW2)."""
+def _token_terms(rule, W1, W2, k, v, delta, p, scale) -> tuple[Tensor, Tensor, Tensor]:
+    """Per token j of a segment, at the chunk-start weights W: h_j = gelu(s k_j W1) [.., L, F] and the
+    backpropagated errors d1_j = dl/dz_j [.., L, F], d2_j = dl/du_j [.., L, Dh], so that
+    grad_W1 l_j = s k_j^T d1_j and grad_W2 l_j = h_j^T d2_j (rank one: never materialised)."""
     z = scale * (k @ W1)  # [B, H, L, F]
     h = F.gelu(z)
     u = h @ W2  # [B, H, L, Dh]
@@ -86,9 +106,47 @@ def _weighted_gradient(rule, W1, W2, k, v, c, delta, p, scale) -> tuple[Tensor, 
     d2 = r * (g - g.mean(-1, keepdim=True) - n * (g * n).mean(-1, keepdim=True))  # dl/du through LN
     gelu_prime = 0.5 * (1 + torch.erf(z / math.sqrt(2))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
     d1 = (d2 @ W2.transpose(-1, -2)) * gelu_prime  # dl/dz: [B, H, L, F]
-    G1 = scale * ((k * c).transpose(-1, -2) @ d1)
-    G2 = h.transpose(-1, -2) @ (d2 * c)
-    return G1, G2
+    return h, d1, d2
+
+
+def _gradient_sum(k, h, d1, d2, c, scale) -> tuple[Tensor, Tensor]:
+    """sum_j c_j (.) grad_W l_j: ([B, H, Dh, F], [B, H, F, Dh]); c_j [B, H, L, Dh] weights channel i
+    of token j's gradient (row i of dW1, column i of dW2)."""
+    return scale * ((k * c).transpose(-1, -2) @ d1), h.transpose(-1, -2) @ (d2 * c)
+
+
+def _read_segment(rule, q, k, h, d1, d2, eta, la, state, q_retention, scale) -> Tensor:
+    """Outputs of a segment, token t reading P_{t-1} = exp(cx_t) (.) u - sum_{j<t} c_tj (.) G_j
+    (u: the running accumulators before the segment, cx_t: the log-retention of the segment's tokens
+    before t, c_tj = eta_j times the retention between j and t). Yaad and Moneta read P (over the
+    chunk-start normaliser) and are linear in it, so M(P_{t-1}; q_t) has a closed form made of
+    [L, L, Dh] decay tensors, like gated linear attention's intra-chunk part; Memora's softmax is not
+    linear, so its per-token weights [L, Dh, F] are materialised."""
+    if rule == "memora":  # the running log-weights themselves
+        u1, u2 = state.get("u1", state["w1"]), state.get("u2", state["w2"])
+    else:
+        u1, u2 = read_weights(rule, state, q_retention)  # [B, H, Dh, F], [B, H, F, Dh]
+    ci = la.cumsum(2)  # inclusive log-retention up to j: [B, H, L, Dh]
+    cx = ci - la  # exclusive: up to (not including) t
+    L = q.shape[2]
+    before = torch.ones(L, L, dtype=torch.bool, device=q.device).tril(-1)[..., None]  # j < t
+    # E[t, j, i] = prod_{j < l < t} alpha_l,i for j < t, else 0 (masked before exp: no overflow).
+    E = torch.where(before, cx.unsqueeze(3) - ci.unsqueeze(2), -math.inf).exp()  # [B, H, L, L, Dh]
+    ek, ed = E * (eta * k).unsqueeze(2), E * (eta * d2).unsqueeze(2)
+    keep = cx.exp()
+    if rule == "memora":  # the read weights are the softmax of the running log-weights
+        P1 = keep.unsqueeze(-1) * u1.unsqueeze(2) - scale * torch.einsum("bhtji,bhjf->bhtif", ek, d1)
+        hq = F.gelu(scale * torch.einsum("bhti,bhtif->bhtf", q, P1.softmax(-1)))
+        P2 = keep.unsqueeze(-2) * u2.unsqueeze(2) - torch.einsum("bhjf,bhtji->bhtfi", h, ed)
+        u = torch.einsum("bhtf,bhtfi->bhti", hq, P2.softmax(-2))
+    else:  # W_{t-1} = P_{t-1} (Moneta: u was divided by the chunk-start normaliser already)
+        n1 = _normaliser(state["w1"], q_retention) if rule == "moneta" else 1.0
+        n2 = _normaliser(state["w2"], q_retention) if rule == "moneta" else 1.0
+        S = torch.einsum("bhti,bhtji->bhtj", q, ek)  # q_t . (c_tj (.) k_j)
+        hq = F.gelu(scale * ((q * keep) @ u1 - scale * (S @ d1) / n1))
+        A = hq @ h.transpose(-1, -2)  # h(q_t) . h(k_j): [B, H, L, L]
+        u = (hq @ u2) * keep - torch.einsum("bhtj,bhtji->bhti", A, ed) / n2
+    return q + F.layer_norm(u, u.shape[-1:], eps=LN_EPS)
 
 
 def _retain(rule: str, a: Tensor, u1: Tensor, u2: Tensor, G1: Tensor, G2: Tensor) -> tuple[Tensor, Tensor]:
@@ -136,10 +194,11 @@ def _prepare(q, k, v, log_alpha, eta, delta, rule, initial_state, chunk_size, p,
 
 
 def miras_chunked(q, k, v, log_alpha, eta, *, rule, initial_state, delta=None, chunk_size=16, p=3.0,
-                  q_retention=4.0, output_final_state=False) -> tuple[Tensor, State | None]:
-    """The training form: per segment (a chunk, or the part of one this call holds) one batched
-    retrieval and one closed-form gradient sum, weighted by the retention each token's gradient meets
-    before the segment's end: O(T / chunk_size) Python steps."""
+                  q_retention=4.0, output_final_state=False) -> tuple[Tensor, MemoryState | None]:
+    """The training form: per segment (a chunk, or the part of one this call holds) the per-token
+    terms at the chunk-start weights, one retrieval of every token from the weights after the tokens
+    before it (_read_segment), and one closed-form gradient sum, weighted by the retention each token's
+    gradient meets before the segment's end: O(T / chunk_size) Python steps."""
     in_dtype = v.dtype
     with torch.autocast(q.device.type, enabled=False):
         (q, k, v, log_alpha, eta, delta), (w1, w2, u1, u2), n = _prepare(
@@ -148,12 +207,14 @@ def miras_chunked(q, k, v, log_alpha, eta, *, rule, initial_state, delta=None, c
         W, out, t = memory_weights(rule, w1, w2, q_retention), [], 0
         while t < T:
             s = slice(t, t + min(chunk_size - n, T - t))
-            out.append(memory_forward(*W, q[:, :, s], scale))
-            la = log_alpha[:, :, s]  # [B, H, L, Dh]
+            la, lr = log_alpha[:, :, s], eta[:, :, s]  # [B, H, L, Dh]
+            h, d1, d2 = _token_terms(rule, *W, k[:, :, s], v[:, :, s], None if delta is None else delta[:, :, s],
+                                     p, scale)
+            out.append(_read_segment(rule, q[:, :, s], k[:, :, s], h, d1, d2, lr, la,
+                                     {"w1": w1, "w2": w2, "u1": u1, "u2": u2}, q_retention, scale))
             # Retention from after token j to the segment's end: an exclusive reverse cumulative sum.
             after = torch.cat([la[:, :, 1:].flip(2).cumsum(2).flip(2), torch.zeros_like(la[:, :, :1])], dim=2)
-            G1, G2 = _weighted_gradient(rule, *W, k[:, :, s], v[:, :, s], eta[:, :, s] * after.exp(),
-                                        None if delta is None else delta[:, :, s], p, scale)
+            G1, G2 = _gradient_sum(k[:, :, s], h, d1, d2, lr * after.exp(), scale)
             u1, u2 = _retain(rule, la.sum(2).exp(), u1, u2, G1, G2)
             n, t = n + s.stop - s.start, s.stop
             if n == chunk_size:  # the chunk is complete: its end is the next chunk's start
@@ -175,9 +236,9 @@ def _inner_loss(rule, W1, W2, k, v, delta, p, scale) -> Tensor:
 
 
 def miras_recurrent(q, k, v, log_alpha, eta, *, rule, initial_state, delta=None, chunk_size=16, p=3.0,
-                    q_retention=4.0, output_final_state=False) -> tuple[Tensor, State | None]:
-    """The reference: the same chunked rule one token at a time, the inner gradient by autodiff
-    (torch.func.grad, which the outer backward pass differentiates through)."""
+                    q_retention=4.0, output_final_state=False) -> tuple[Tensor, MemoryState | None]:
+    """The reference: the same chunked rule one token at a time (read, then write), the inner gradient
+    by autodiff (torch.func.grad, which the outer backward pass differentiates through)."""
     in_dtype = v.dtype
     with torch.autocast(q.device.type, enabled=False):
         (q, k, v, log_alpha, eta, delta), (w1, w2, u1, u2), n = _prepare(
@@ -186,8 +247,9 @@ def miras_recurrent(q, k, v, log_alpha, eta, *, rule, initial_state, delta=None,
         grad = torch.func.grad(lambda W1, W2, *a: _inner_loss(rule, W1, W2, *a), argnums=(0, 1))
         for t in range(q.shape[2]):
             s = slice(t, t + 1)
-            W = memory_weights(rule, w1, w2, q_retention)  # the chunk-start weights
-            out.append(memory_forward(*W, q[:, :, s], scale))
+            W = memory_weights(rule, w1, w2, q_retention)  # the chunk-start weights: the gradient's
+            R = read_weights(rule, {"w1": w1, "w2": w2, "u1": u1, "u2": u2}, q_retention)  # every earlier token
+            out.append(memory_forward(*R, q[:, :, s], scale))
             G1, G2 = grad(*W, k[:, :, s], v[:, :, s], None if delta is None else delta[:, :, s], p, scale)
             a, lr = log_alpha[:, :, t].exp(), eta[:, :, t]  # [B, H, Dh]
             u1, u2 = _retain(rule, a, u1, u2, lr.unsqueeze(-1) * G1, lr.unsqueeze(-2) * G2)
