@@ -169,6 +169,14 @@ def test_sampling_options_streamer_and_pipeline(exported, capsys):
     assert text == tokenizer.decode(greedy[0])
 
 
+@pytest.mark.parametrize("mixer", ["gateloop", "transformer"])
+def test_beam_search_through_the_cache_equals_it_without(mixer, exported):
+    model = AutoModelForCausalLM.from_pretrained(exported(mixer)[1])
+    ids = torch.tensor([list(b"the cat")])
+    kw = dict(max_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False)
+    assert torch.equal(model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw))
+
+
 def test_byte_tokenizer_gives_gateloops_ids_and_a_prefix_id_text_never_yields(tmp_path):
     tok = GateLoopTokenizer(kind="byte")
     ids = tok(TEXT).input_ids
@@ -209,6 +217,19 @@ def test_export_files_and_round_trip(exported, tmp_path):
         assert torch.equal(model(ids).logits, own(ids)[0])
         model.save_pretrained(tmp_path / "again")
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "again")(ids).logits, own(ids)[0])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_pretrained_round_trips_tied_and_untied_heads(tied, tmp_path):
+    cfg = model_config("hgrn", n_layers=1)
+    cfg.tie_embeddings = tied
+    model = GateLoopForCausalLM(GateLoopConfig.from_model_config(cfg)).eval()
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+    assert (again.model.head.weight is again.model.embed.weight) == tied
 
 
 def test_export_never_overwrites_and_cli_errors(exported, tmp_path, capsys):
