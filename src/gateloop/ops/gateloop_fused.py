@@ -18,6 +18,7 @@ them with.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sys
 import warnings
@@ -32,9 +33,11 @@ NAME = "gateloop_scan_kernels"
 
 def build_directory() -> Path:
     """Where the compiled kernel is cached: $GATELOOP_CACHE (default ~/.cache/gateloop), per torch
-    version, so that upgrading torch rebuilds it."""
+    version and per source text, so that upgrading torch or editing the kernel rebuilds it, and two
+    checkouts with different sources do not rebuild each other's."""
     root = Path(os.environ.get("GATELOOP_CACHE", Path.home() / ".cache" / "gateloop"))
-    return root / "kernels" / f"torch-{torch.__version__}"
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    return root / "kernels" / f"torch-{torch.__version__}-{digest}"
 
 
 @functools.cache
