@@ -142,16 +142,21 @@ def test_resume_after_a_kill_is_bitwise_the_uninterrupted_run(corpus, reference,
 
 def test_a_second_ctrl_c_quits_at_once(capsys):
     """The first SIGINT is a request the training loop polls (it saves, then stops); a second one
-    raises KeyboardInterrupt, for a user who will not wait for the checkpoint."""
-    with stop_requests(signal.SIGTERM, signal.SIGINT, announce="saving a checkpoint, then stopping") as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.01)  # the handler runs in the main thread at the next bytecode
-        assert stop == [signal.SIGINT]
-        with pytest.raises(KeyboardInterrupt):
+    raises KeyboardInterrupt, for a user who will not wait for the checkpoint. Python's own SIGINT
+    handler is put first: a shell that starts the tests in the background makes them ignore SIGINT."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with stop_requests(signal.SIGTERM, signal.SIGINT, announce="saving a checkpoint, then stopping") as stop:
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)
-    assert "saving a checkpoint" in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
+            time.sleep(0.01)  # the handler runs in the main thread at the next bytecode
+            assert stop == [signal.SIGINT]
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+        assert "saving a checkpoint" in capsys.readouterr().err
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_random_kills_never_leave_a_broken_run(corpus, reference, tmp_path):
