@@ -39,7 +39,7 @@ from safetensors import SafetensorError
 from .config import RunConfig
 from .data import load_tokenizer, save_tokenizer
 from .errors import UserError
-from .fileio import fsync_dir, atomic_write_bytes, atomic_write_text
+from .fileio import atomic_write_bytes, atomic_write_text, fsync_dir
 from .models import LanguageModel, ModelConfig
 
 CONFIG, WEIGHTS, TRAINER_STATE, METRICS, LOSS_PLOT = (

@@ -37,7 +37,8 @@ def cmd_train(args) -> int:
     else:
         cfg = load_config(args.config, args.set)
         out = Path(args.out) if args.out else RUNS / f"{cfg.model.mixer}-{time.strftime('%Y%m%d-%H%M%S')}"
-    train(cfg, out, resume=bool(args.resume), progress=not args.no_progress)  # a StopRequested: main's
+    # A signal raises StopRequested (checkpoint saved) out to main(), which exits 128 + signum.
+    train(cfg, out, resume=bool(args.resume), progress=not args.no_progress)
     # Keep runs/latest pointing at the newest run (under torchrun, rank 0 alone writes).
     if out.parent.resolve() == RUNS.resolve() and os.environ.get("RANK", "0") == "0":
         LATEST.unlink(missing_ok=True)

@@ -28,11 +28,15 @@ def save_png(fig, path: Path, dpi: int = 110) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def _series(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    """(step, value) of every metrics row that has key."""
+    return [(r["step"], r[key]) for r in rows if key in r]
+
+
 def plot_losses(rows: list[dict], path: Path, title: str = "") -> None:
     """Training loss per logged step and validation loss per evaluation (a language-model run)."""
     plt = pyplot()
-    train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    train, val = _series(rows, "train_loss"), _series(rows, "val_loss")
     fig, ax = plt.subplots(figsize=(6, 4))
     if train:
         ax.plot(*zip(*train), label="train", alpha=0.8)
@@ -48,8 +52,7 @@ def plot_losses(rows: list[dict], path: Path, title: str = "") -> None:
 def plot_learning_curve(rows: list[dict], path: Path, title: str = "") -> None:
     """Training loss (left axis) and test accuracy (right axis) against step (a task run)."""
     plt = pyplot()
-    loss = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
-    acc = [(r["step"], r["test_accuracy"]) for r in rows if "test_accuracy" in r]
+    loss, acc = _series(rows, "train_loss"), _series(rows, "test_accuracy")
     fig, ax = plt.subplots(figsize=(6, 4))
     if loss:
         ax.plot(*zip(*loss), color="tab:blue", alpha=0.8, label="train loss")

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .layers.base import state_tensors
+
 # Relative RMS error allowed when a fast path is compared with its reference, by compute dtype.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.complex128: 1e-10, torch.complex64: 1e-4}
 D, T = 16, 37
@@ -39,17 +41,6 @@ def assert_close_rms(actual: Tensor, expected: Tensor, dtype=None, tol=None, wha
     tol = tol if tol is not None else TOL[dtype or expected.dtype]
     err = rel_rms(actual, expected)
     assert err <= tol, f"{what}: relative RMS error {err:.3e} > {tol:.0e}"
-
-
-def state_tensors(state) -> list[Tensor]:
-    """The tensors of a state, whatever its nesting (a tensor, a tuple, list or dict of them, ...)."""
-    if isinstance(state, Tensor):
-        return [state]
-    if isinstance(state, dict):
-        return [t for key in sorted(state) for t in state_tensors(state[key])]
-    if isinstance(state, (tuple, list)):
-        return [t for s in state for t in state_tensors(s)]
-    return []
 
 
 def assert_states_close(actual, expected, what: str) -> None:

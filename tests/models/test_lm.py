@@ -4,9 +4,8 @@ import pytest
 import torch
 from conftest import assert_close_rms
 
-from gateloop.layers import MIXERS
+from gateloop.layers import MIXERS, state_tensors
 from gateloop.models import LanguageModel, ModelConfig, sample
-from gateloop.testing import state_tensors
 
 def tiny(mixer="gateloop", **kw):
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..checkpoint import build_model
 from ..errors import UserError
-from ..layers import MIXERS
+from ..layers import MIXERS, map_state, state_tensors
 from ..models import ModelConfig
 
 # Mixers whose state is a fixed-size tensor per sequence, whatever its length: a batch of unequal
@@ -76,17 +76,6 @@ class GateLoopConfig(PretrainedConfig):
                    norm=cfg.norm, tie_word_embeddings=cfg.tie_embeddings, **kwargs)
 
 
-def map_state(state, fn):
-    """fn applied to every tensor of a state (nested lists, tuples, dicts); other leaves kept."""
-    if isinstance(state, Tensor):
-        return fn(state)
-    if isinstance(state, dict):
-        return {k: map_state(v, fn) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(map_state(s, fn) for s in state)
-    return state
-
-
 def cat_states(states: list, mixer: str):
     """The states of separate batches joined along the batch dimension (dim 0 of every tensor)."""
     first = states[0]
@@ -136,9 +125,8 @@ class GateLoopCache(Cache):
 
     @property
     def batch_size(self) -> int:
-        sizes = []
-        map_state(self.state, lambda t: sizes.append(t.shape[0]))
-        return sizes[0] if sizes else -1
+        tensors = state_tensors(self.state)
+        return tensors[0].shape[0] if tensors else -1
 
     def advance(self, state, n_tokens: int) -> None:
         self.state, self.seen = state, self.seen + n_tokens

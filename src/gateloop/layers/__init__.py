@@ -5,7 +5,7 @@ and ``forward(x: [B, T, D], state=None) -> (y: [B, T, D], state)``. MIXERS, the 
 maps names to classes; each class enters it with ``@register_mixer(name)`` when imported below.
 """
 
-from .base import MIXERS, Mixer, register_mixer, resolve_mixer
+from .base import MIXERS, Mixer, map_state, register_mixer, resolve_mixer, state_tensors
 from .common import MLP, GatedMLP, RMSNorm
 from .fox import ForgettingAttention
 from .gateloop import GateLoop
@@ -16,4 +16,5 @@ from .miras import Memora, Moneta, Yaad
 from .transformer import Attention
 
 __all__ = ["MIXERS", "MLP", "Attention", "ForgettingAttention", "GateLoop", "GatedMLP", "HGRN", "HGRN2", "LSTM",
-           "Memora", "MinGRU", "MinLSTM", "Mixer", "Moneta", "RMSNorm", "Yaad", "register_mixer", "resolve_mixer"]
+           "Memora", "MinGRU", "MinLSTM", "Mixer", "Moneta", "RMSNorm", "Yaad", "map_state", "register_mixer",
+           "resolve_mixer", "state_tensors"]

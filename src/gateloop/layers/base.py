@@ -26,7 +26,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, ClassVar
 
-from torch import nn
+from torch import Tensor, nn
 
 MIXERS: dict[str, type[nn.Module]] = {}
 
@@ -42,6 +42,25 @@ class Mixer(nn.Module):
 
     def forward(self, x, state=None):  # pragma: no cover  (the contract; every mixer overrides it)
         raise NotImplementedError
+
+
+def map_state(state, fn):
+    """fn applied to every tensor of a state, whatever its nesting (a tensor; tuples, lists and dicts of
+    them, dicts walked in key order); other leaves (counters, None) are kept as they are."""
+    if isinstance(state, Tensor):
+        return fn(state)
+    if isinstance(state, dict):
+        return {k: map_state(state[k], fn) for k in sorted(state)}
+    if isinstance(state, (list, tuple)):
+        return type(state)(map_state(s, fn) for s in state)
+    return state
+
+
+def state_tensors(state) -> list[Tensor]:
+    """The tensors of a state, in map_state's order."""
+    found: list[Tensor] = []
+    map_state(state, found.append)
+    return found
 
 
 def register_mixer(name: str):
