@@ -181,33 +181,49 @@ def section_layer(peers, repeat) -> list[dict]:
 # ----------------------------------------------------------------------------------------------- rnn
 
 def section_rnn(peers, repeat) -> list[dict]:
-    """Per family three rows: ours (default mode), the peer, our reference or paper's form; the notes
-    give the peer's time over ours, and the reference's over ours."""
+    """Per family: ours (default mode), the peer, then our references or the paper's form; the notes
+    give the peer's time over ours, and each reference's over ours. The LSTM is timed at the
+    benchmark's width and at the leaderboard's (B = 16, T = 256, N = 128)."""
     B, D = 4, 512
-    rows = []
+    lstm_cases = (lambda n: [
+        ("LSTM (ours, NP variant = nn.LSTM's maths, mode=bptt)", MIXERS["lstm"](n, variant="NP"), True),
+        ("torch.nn.LSTM", torch.nn.LSTM(n, n, batch_first=True), True),
+        ("LSTM (ours, NP, mode=bptt, PyTorch path: GATELOOP_FUSED=0)", MIXERS["lstm"](n, variant="NP"), "unfused"),
+        ("LSTM (ours, NP, mode=recurrent: autograd through the loop)",
+         MIXERS["lstm"](n, variant="NP", mode="recurrent"), True)])
     families = [
         (torch.randn(B, 2048, D), "T=2048", [
             ("minGRU (ours, mode=blocked)", MIXERS["mingru"](D, mode="blocked"), True),
             ("minGRU (mingru-pytorch)", peers["minGRU"](D), False),
             ("minGRU (ours, mode=scan: the paper's log-space scan)", MIXERS["mingru"](D, mode="scan"), True)]),
-        (torch.randn(B, 512, D), "T=512", [
-            ("LSTM (ours, NP variant = nn.LSTM's maths, mode=bptt)", MIXERS["lstm"](D, variant="NP"), True),
-            ("torch.nn.LSTM", torch.nn.LSTM(D, D, batch_first=True), True),
-            ("LSTM (ours, NP, mode=recurrent: autograd through the loop)",
-             MIXERS["lstm"](D, variant="NP", mode="recurrent"), True)]),
+        (torch.randn(B, 512, D), "B=4 T=512 N=512", lstm_cases(D)),
+        (torch.randn(16, 256, 128), "B=16 T=256 N=128", lstm_cases(128)),
     ]
-    for x, length, cases in families:
+    rows = []
+    for x, shape, cases in families:
         first = len(rows)
-        for name, module, returns_tuple in cases:
-            fn = (lambda m=module, t=returns_tuple: m(x)[0] if t else m(x))
+        for name, module, returns in cases:
+            fn = (lambda m=module, r=returns: m(x)[0] if r else m(x))
+            if returns == "unfused":
+                fn = (lambda m=module: _unfused(lambda: m(x)[0]))
             f, fb = fwd_and_fwdbwd(fn, list(module.parameters()), repeat)
-            rows.append(dict(section="rnn", what=f"{name}, {length}", fwd_ms=f, fwdbwd_ms=fb, note=""))
-        ours, peer, ref = rows[first:first + 3]
+            rows.append(dict(section="rnn", what=f"{name}, {shape}", fwd_ms=f, fwdbwd_ms=fb, note=""))
+        ours, peer, *refs = rows[first:]
         ours["note"] = (f"peer / ours: fwd x{peer['fwd_ms'] / ours['fwd_ms']:.2f}, "
                         f"fwd+bwd x{peer['fwdbwd_ms'] / ours['fwdbwd_ms']:.2f}")
-        ref["note"] = (f"this / ours: fwd x{ref['fwd_ms'] / ours['fwd_ms']:.2f}, "
-                       f"fwd+bwd x{ref['fwdbwd_ms'] / ours['fwdbwd_ms']:.2f}")
+        for ref in refs:
+            ref["note"] = (f"this / ours: fwd x{ref['fwd_ms'] / ours['fwd_ms']:.2f}, "
+                           f"fwd+bwd x{ref['fwdbwd_ms'] / ours['fwdbwd_ms']:.2f}")
     return rows
+
+
+def _unfused(fn):
+    """fn() with the fused CPU kernels switched off (GATELOOP_FUSED=0, read at each call)."""
+    os.environ["GATELOOP_FUSED"] = "0"
+    try:
+        return fn()
+    finally:
+        del os.environ["GATELOOP_FUSED"]
 
 
 # ---------------------------------------------------------------------------------------- generation

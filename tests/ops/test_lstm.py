@@ -236,3 +236,52 @@ def test_bad_arguments_raise(mode):
     with pytest.raises(ValueError, match="initial_state"):
         op(x, R, p, R_gates=torch.zeros(3 * N, 3 * N, dtype=f64), variant="FGR",
                        initial_state=(torch.zeros(B, N, dtype=f64),) * 2)
+
+
+def _op_outputs_and_grads(variant, dtype, T, n, seed=0):
+    """lstm_bptt's outputs, final state and every gradient on random inputs with an initial state."""
+    g = torch.Generator().manual_seed(seed)
+    G, P = len(GATES[variant]), len(PEEPHOLES[variant])
+    r = (lambda *s, scale=1.0: (scale * torch.randn(*s, generator=g, dtype=f64)).to(dtype).requires_grad_())
+    leaves = [r(B, T, G * n), r(G * n, n, scale=0.5), r(P, n) if P else None,
+              r(3 * n, 3 * n, scale=0.3) if variant == "FGR" else None,
+              r(B, n), r(B, n)] + ([r(B, 3 * n)] if variant == "FGR" else [])
+    x, R, p, R_gates, *state = leaves
+    y, final = lstm_bptt(x, R, p, R_gates=R_gates, variant=variant, initial_state=tuple(state),
+                         output_final_state=True)
+    loss = sum((t * torch.randn(t.shape, generator=g, dtype=f64).to(dtype)).sum() for t in (y, *final))
+    used = [t for t in leaves if t is not None]
+    return [y.detach(), *(f.detach() for f in final), *torch.autograd.grad(loss, used)]
+
+
+@pytest.mark.parametrize("dtype", [f64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_kernel_matches_the_pytorch_loop(variant, dtype, monkeypatch):
+    """The C++ loop (ops/lstm_fused.py) against the PyTorch loops it replaces, for every variant:
+    outputs, final state and every gradient; 13 units, so the float32 kernel's 8-wide rows end in a
+    partial one; float32 with the kernel's own exp and tanh."""
+    from gateloop.ops import lstm_fused
+
+    if not lstm_fused.fused_lstm_available(torch.zeros(1)):
+        pytest.skip("the fused LSTM kernel cannot be built here")
+    fused = _op_outputs_and_grads(variant, dtype, T=23, n=13)
+    monkeypatch.setenv("GATELOOP_FUSED", "0")
+    reference = _op_outputs_and_grads(variant, dtype, T=23, n=13)
+    assert len(fused) == len(reference)
+    for i, (a, e) in enumerate(zip(fused, reference)):
+        assert_close_rms(a, e, dtype, what=f"result {i} (outputs, final state, then gradients)")
+
+
+def test_lstm_bptt_takes_the_kernel_unless_switched_off(monkeypatch):
+    from gateloop.ops import lstm_fused
+
+    calls = []
+    real = lstm_fused.fused_forward
+    monkeypatch.setattr("gateloop.ops.lstm.fused_forward", lambda *a: calls.append(1) or real(*a))
+    x, R = rnd(1, 3, 4 * N, seed=0), rnd(4 * N, N, seed=1)
+    lstm_bptt(x, R, rnd(3, N, seed=2))
+    expected = [1] if lstm_fused.fused_lstm_available(x) else []
+    assert calls == expected
+    monkeypatch.setenv("GATELOOP_FUSED", "0")
+    lstm_bptt(x, R, rnd(3, N, seed=2))
+    assert calls == expected

@@ -8,61 +8,34 @@ the top of the C++ file): one pair for the max-headed case (K = V = 1, the paper
 vectorised over heads, one for heads with a [K, V] state, vectorised over V. Only the transition
 a = exp(log_a) is left to PyTorch, whose exp / cos / sin are vectorised.
 
-The kernels are compiled on first use with torch.utils.cpp_extension (a C++ compiler and ninja are
-needed; about half a minute, once: the build is cached, see build_directory). Where they cannot be
-built, or on other devices, or with GATELOOP_FUSED=0 in the environment, gateloop_scan uses the
-PyTorch path (_GateLoopScan in ops/gateloop.py), which is also the reference the tests compare
-them with.
+The kernels are compiled on first use (ops/cpp.py). Where they cannot be built, or on other devices,
+or with GATELOOP_FUSED=0 in the environment, gateloop_scan uses the PyTorch path (_GateLoopScan in
+ops/gateloop.py), which is also the reference the tests compare them with.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
-import sys
-import warnings
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).parent / "csrc" / "gateloop_scan.cpp"
+from .cpp import CSRC, build, fused_allowed
+
+SOURCE = CSRC / "gateloop_scan.cpp"
 NAME = "gateloop_scan_kernels"
-
-
-def build_directory() -> Path:
-    """Where the compiled kernel is cached: $GATELOOP_CACHE (default ~/.cache/gateloop), per torch
-    version and per source text, so that upgrading torch or editing the kernel rebuilds it, and two
-    checkouts with different sources do not rebuild each other's."""
-    root = Path(os.environ.get("GATELOOP_CACHE", Path.home() / ".cache" / "gateloop"))
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
-    return root / "kernels" / f"torch-{torch.__version__}-{digest}"
 
 
 @functools.cache
 def _kernel():
-    """The compiled module, or None (with one warning saying why) where it cannot be built."""
-    try:
-        from torch.utils.cpp_extension import load
-
-        where = build_directory()
-        where.mkdir(parents=True, exist_ok=True)
-        if not (where / f"{NAME}.so").exists():
-            print(f"gateloop: compiling the fused CPU scan kernels into {where} (once, about 30 s)", file=sys.stderr,
-                  flush=True)
-        return load(NAME, [str(SOURCE)], extra_cflags=["-O3"], build_directory=str(where), verbose=False)
-    except Exception as e:  # noqa: BLE001  no compiler, no ninja, a read-only cache: use PyTorch
-        reason = next(iter(str(e).strip().splitlines()), type(e).__name__)[:200]
-        warnings.warn(f"gateloop: the fused CPU scan could not be built ({reason}); using the PyTorch "
-                      "path (set GATELOOP_FUSED=0 to skip the attempt)", RuntimeWarning, stacklevel=3)
-        return None
+    """The compiled module, or None where it cannot be built (ops/cpp.py)."""
+    return build(NAME, SOURCE, "scan kernels")
 
 
 @torch.compiler.disable  # under torch.compile, decide eagerly (Dynamo cannot trace the build)
 def fused_scan_available(x: Tensor) -> bool:
     """Whether FusedScan can run on x's device (CPU, kernels built, not switched off)."""
-    return x.device.type == "cpu" and os.environ.get("GATELOOP_FUSED", "1") != "0" and _kernel() is not None
+    return fused_allowed(x) and _kernel() is not None
 
 
 def _planes(x: Tensor | None) -> tuple[Tensor | None, Tensor | None]:

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .lstm_fused import fused_backward, fused_forward, fused_lstm_available, variant_spec
+
 # The blocks of x_proj and R, and the rows of p, in order, per variant.
 GATES = {"vanilla": "ifzo", "NIG": "fzo", "NFG": "izo", "NOG": "ifz", "NIAF": "ifzo", "NOAF": "ifzo",
          "NP": "ifzo", "CIFG": "izo", "FGR": "ifzo"}
@@ -124,106 +126,140 @@ class _LSTMLoop(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, variant, x_proj, R, p, R_gates, y, c, *prev):
-        gates, peep = GATES[variant], PEEPHOLES[variant]
-        (B, T, _), G, N = x_proj.shape, len(gates), R.shape[1]
-        ji, jf, jz, jo = (gates.index(k) if k in gates else None for k in "ifzo")
-        ifo = [ji, jf, jo] if prev else []
-        n_old = sum(k in peep for k in "if")  # the leading blocks, which peep at c_{t-1}
-        p_o = p[peep.index("o")] if "o" in peep else None
-        # Every step writes its gate activations, cell and output straight into these.
-        A, C, Y = x_proj.new_empty(B, T, G, N), x_proj.new_empty(B, T, N), x_proj.new_empty(B, T, N)
-        ctx.variant, initial = variant, (y, c, *prev)
-        for t in range(T):
-            a = torch.addmm(x_proj[:, t], y, R.t()).unflatten(-1, (G, N))
-            if prev:  # FGR: the gates also see all gates' previous activations
-                a[:, ifo] += (prev[0] @ R_gates.t()).unflatten(-1, (3, N))
-            if n_old:
-                a[:, :n_old].addcmul_(p[:n_old], c[:, None])
-            act = A[:, t]
-            torch.sigmoid(a, out=act)  # every block at once; z and (with a peephole) o are redone below
-            if variant == "NIAF":
-                act[:, jz] = a[:, jz]
-            else:
-                torch.tanh(a[:, jz], out=act[:, jz])
-            iz = act[:, jz] if ji is None else act[:, ji] * act[:, jz]
-            f = act[:, jf] if jf is not None else (1 - act[:, ji] if variant == "CIFG" else None)
-            c = torch.add(c, iz, out=C[:, t]) if f is None else torch.addcmul(iz, f, c, out=C[:, t])
-            hc = _h(variant, c)
-            if jo is None:
-                Y[:, t] = hc
-            else:
-                if p_o is not None:  # o peeps at the new cell
-                    torch.sigmoid(torch.addcmul(a[:, jo], p_o, c), out=act[:, jo])
-                torch.mul(act[:, jo], hc, out=Y[:, t])
-            y = Y[:, t]
-            if prev:
-                prev = (act[:, ifo].flatten(1),)
+        ctx.variant, ctx.fused, initial = variant, fused_lstm_available(x_proj), (y, c, *prev)
+        if ctx.fused:
+            A, C, Y, c_T, *prev_T = fused_forward(_spec(variant), x_proj, R, p, R_gates, y, c, *prev)
+        else:
+            A, C, Y, c_T, *prev_T = _forward_loop(variant, x_proj, R, p, R_gates, y, c, *prev)
         ctx.save_for_backward(R, p, R_gates, A, C, Y, *initial)
-        return (Y, y.clone(), c.clone(), *prev)
+        return (Y, Y[:, -1].clone(), c_T.clone(), *prev_T)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dY, dy, dc, *dprev):  # gradients arrive materialised (zeros where unused)
-        variant = ctx.variant
         R, p, R_gates, A, C, Y, y0, c0, *prev0 = ctx.saved_tensors
-        gates, peep = GATES[variant], PEEPHOLES[variant]
-        act = dict(zip(gates, A.unbind(2)))  # each [B, T, N]
-        C_prev = torch.cat([c0[:, None], C[:, :-1]], dim=1)
-        hc = _h(variant, C)
-        # Every factor that does not depend on the incoming gradients, for all steps at once, so that
-        # a step of the loop is a few multiply-adds: dL/da_k = dL/dc_t * factor[k] for k in i, f, z
-        # (CIFG's f = 1 - i folds its f path into i's factor), dL/da_o = dL/dy_t * factor["o"].
-        slope = {k: act[k] * (1 - act[k]) for k in "ifo" if k in act}  # sigma' = s (1 - s)
-        factor = {"z": (1.0 if variant == "NIAF" else 1 - act["z"].square()) * act.get("i", 1.0)}
-        if "i" in act:
-            factor["i"] = slope["i"] * (act["z"] - C_prev if variant == "CIFG" else act["z"])
-        if "f" in act:
-            factor["f"] = slope["f"] * C_prev
-        if "o" in act:
-            factor["o"] = slope["o"] * hc
-        keep = act["f"] if "f" in act else (1 - act["i"] if variant == "CIFG" else None)  # dc_t/dc_{t-1}
-        dy_dc = torch.ones_like(C) if variant == "NOAF" else 1 - hc.square()  # dy_t/dc_t at fixed o
-        if "o" in act:
-            dy_dc = dy_dc * act["o"]
-        n_old, p_o = sum(k in peep for k in "if"), (p[peep.index("o")] if "o" in peep else None)
-        blocks = [(gates.index(k), factor[k], slope.get(k), "ifo".find(k)) for k in gates if k != "o"]
-        jo = gates.index("o") if "o" in gates else None
-        fgr = bool(prev0)
-        dprev = dprev[0].unflatten(-1, (3, -1)) if fgr else None
-        dA = torch.empty_like(A)  # dL/d(pre-activations), filled step by step: also dL/dx_proj
-        for t in reversed(range(A.shape[1])):
-            da = dA[:, t]
-            dy_t = dY[:, t] + dy
-            dc_t = torch.addcmul(dc, dy_t, dy_dc[:, t])
-            if jo is not None:
-                torch.mul(dy_t, factor["o"][:, t], out=da[:, jo])
-                if fgr:
-                    da[:, jo].addcmul_(dprev[:, 2], slope["o"][:, t])
-                if p_o is not None:
-                    dc_t.addcmul_(da[:, jo], p_o)
-            for j, fac, s, r in blocks:
-                torch.mul(dc_t, fac[:, t], out=da[:, j])
-                if fgr and r >= 0:
-                    da[:, j].addcmul_(dprev[:, r], s[:, t])
-            dc = dc_t if keep is None else dc_t * keep[:, t]
-            if n_old:
-                dc += (da[:, :n_old] * p[:n_old]).sum(1)
-            dy = da.flatten(1) @ R
+        saved = dict(R=R, p=p, R_gates=R_gates, A=A, C=C, c0=c0)
+        if ctx.fused:
+            dA, dy0, dc0, *dprev0 = fused_backward(_spec(ctx.variant), dY, dy, dc, *dprev, **saved)
+        else:
+            dA, dy0, dc0, *dprev0 = _backward_loop(ctx.variant, dY, dy, dc, *dprev, **saved)
+        dR, dp, dR_gates = _weight_grads(ctx.variant, dA, A, C, Y, y0, c0, *prev0, p=p)
+        return (None, dA.flatten(2), dR, dp, dR_gates, dy0, dc0, *dprev0)
+
+
+def _forward_loop(variant, x_proj, R, p, R_gates, y, c, *prev):
+    """The loop in PyTorch, the fused kernel's reference: (A [B, T, G, N] each step's gate activations
+    (z for the z block), C, Y [B, T, N], c_T[, FGR's [i; f; o]_T])."""
+    gates, peep = GATES[variant], PEEPHOLES[variant]
+    (B, T, _), G, N = x_proj.shape, len(gates), R.shape[1]
+    ji, jf, jz, jo = (gates.index(k) if k in gates else None for k in "ifzo")
+    ifo = [ji, jf, jo] if prev else []
+    n_old = sum(k in peep for k in "if")  # the leading blocks, which peep at c_{t-1}
+    p_o = p[peep.index("o")] if "o" in peep else None
+    # Every step writes its gate activations, cell and output straight into these.
+    A, C, Y = x_proj.new_empty(B, T, G, N), x_proj.new_empty(B, T, N), x_proj.new_empty(B, T, N)
+    for t in range(T):
+        a = torch.addmm(x_proj[:, t], y, R.t()).unflatten(-1, (G, N))
+        if prev:  # FGR: the gates also see all gates' previous activations
+            a[:, ifo] += (prev[0] @ R_gates.t()).unflatten(-1, (3, N))
+        if n_old:
+            a[:, :n_old].addcmul_(p[:n_old], c[:, None])
+        act = A[:, t]
+        torch.sigmoid(a, out=act)  # every block at once; z and (with a peephole) o are redone below
+        if variant == "NIAF":
+            act[:, jz] = a[:, jz]
+        else:
+            torch.tanh(a[:, jz], out=act[:, jz])
+        iz = act[:, jz] if ji is None else act[:, ji] * act[:, jz]
+        f = act[:, jf] if jf is not None else (1 - act[:, ji] if variant == "CIFG" else None)
+        c = torch.add(c, iz, out=C[:, t]) if f is None else torch.addcmul(iz, f, c, out=C[:, t])
+        hc = _h(variant, c)
+        if jo is None:
+            Y[:, t] = hc
+        else:
+            if p_o is not None:  # o peeps at the new cell
+                torch.sigmoid(torch.addcmul(a[:, jo], p_o, c), out=act[:, jo])
+            torch.mul(act[:, jo], hc, out=Y[:, t])
+        y = Y[:, t]
+        if prev:
+            prev = (act[:, ifo].flatten(1),)
+    return (A, C, Y, c, *prev)
+
+
+def _backward_loop(variant, dY, dy, dc, *dprev, R, p, R_gates, A, C, c0):
+    """The adjoint loop in PyTorch, the fused kernel's reference: (dA [B, T, G, N] the pre-activations'
+    gradients, dL/dy_0, dL/dc_0[, FGR's dL/d[i; f; o]_0])."""
+    gates, peep = GATES[variant], PEEPHOLES[variant]
+    act = dict(zip(gates, A.unbind(2)))  # each [B, T, N]
+    C_prev = torch.cat([c0[:, None], C[:, :-1]], dim=1)
+    hc = _h(variant, C)
+    # Every factor that does not depend on the incoming gradients, for all steps at once, so that
+    # a step of the loop is a few multiply-adds: dL/da_k = dL/dc_t * factor[k] for k in i, f, z
+    # (CIFG's f = 1 - i folds its f path into i's factor), dL/da_o = dL/dy_t * factor["o"].
+    slope = {k: act[k] * (1 - act[k]) for k in "ifo" if k in act}  # sigma' = s (1 - s)
+    factor = {"z": (1.0 if variant == "NIAF" else 1 - act["z"].square()) * act.get("i", 1.0)}
+    if "i" in act:
+        factor["i"] = slope["i"] * (act["z"] - C_prev if variant == "CIFG" else act["z"])
+    if "f" in act:
+        factor["f"] = slope["f"] * C_prev
+    if "o" in act:
+        factor["o"] = slope["o"] * hc
+    keep = act["f"] if "f" in act else (1 - act["i"] if variant == "CIFG" else None)  # dc_t/dc_{t-1}
+    dy_dc = torch.ones_like(C) if variant == "NOAF" else 1 - hc.square()  # dy_t/dc_t at fixed o
+    if "o" in act:
+        dy_dc = dy_dc * act["o"]
+    n_old, p_o = sum(k in peep for k in "if"), (p[peep.index("o")] if "o" in peep else None)
+    blocks = [(gates.index(k), factor[k], slope.get(k), "ifo".find(k)) for k in gates if k != "o"]
+    jo = gates.index("o") if "o" in gates else None
+    fgr = bool(dprev)
+    dprev = dprev[0].unflatten(-1, (3, -1)) if fgr else None
+    dA = torch.empty_like(A)  # dL/d(pre-activations), filled step by step: also dL/dx_proj
+    for t in reversed(range(A.shape[1])):
+        da = dA[:, t]
+        dy_t = dY[:, t] + dy
+        dc_t = torch.addcmul(dc, dy_t, dy_dc[:, t])
+        if jo is not None:
+            torch.mul(dy_t, factor["o"][:, t], out=da[:, jo])
             if fgr:
-                dprev = (da[:, [gates.index(k) for k in "ifo"]].flatten(1) @ R_gates).unflatten(-1, (3, -1))
-        # Weight gradients: sums over every (batch, step) pair, as single products.
-        Y_prev = torch.cat([y0[:, None], Y[:, :-1]], dim=1)
-        dR = dA.flatten(2).flatten(0, 1).t() @ Y_prev.flatten(0, 1)
-        dp = None
-        if p is not None:
-            dp = torch.stack([(dA[:, :, gates.index(k)] * (C if k == "o" else C_prev)).sum((0, 1)) for k in peep])
-        dR_gates, dprev0 = None, ()
+                da[:, jo].addcmul_(dprev[:, 2], slope["o"][:, t])
+            if p_o is not None:
+                dc_t.addcmul_(da[:, jo], p_o)
+        for j, fac, s, r in blocks:
+            torch.mul(dc_t, fac[:, t], out=da[:, j])
+            if fgr and r >= 0:
+                da[:, j].addcmul_(dprev[:, r], s[:, t])
+        dc = dc_t if keep is None else dc_t * keep[:, t]
+        if n_old:
+            dc += (da[:, :n_old] * p[:n_old]).sum(1)
+        dy = da.flatten(1) @ R
         if fgr:
-            ifo = [gates.index(k) for k in "ifo"]
-            P = torch.cat([prev0[0][:, None], A[:, :-1][:, :, ifo].flatten(2)], dim=1)  # [i; f; o]_{t-1}
-            dR_gates = dA[:, :, ifo].flatten(2).flatten(0, 1).t() @ P.flatten(0, 1)
-            dprev0 = (dprev.flatten(1),)
-        return (None, dA.flatten(2), dR, dp, dR_gates, dy, dc, *dprev0)
+            dprev = (da[:, [gates.index(k) for k in "ifo"]].flatten(1) @ R_gates).unflatten(-1, (3, -1))
+    return (dA, dy, dc, *((dprev.flatten(1),) if fgr else ()))
+
+
+def _weight_grads(variant: str, dA: Tensor, A: Tensor, C: Tensor, Y: Tensor, y0: Tensor, c0: Tensor,
+                 *prev0: Tensor, p: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """dL/dR, dL/dp and FGR's dL/dR_gates from every step's pre-activation gradients dA [B, T, G, N]:
+    sums over all (batch, step) pairs, as single products after the loop."""
+    gates, peep = GATES[variant], PEEPHOLES[variant]
+    C_prev = torch.cat([c0[:, None], C[:, :-1]], dim=1)
+    Y_prev = torch.cat([y0[:, None], Y[:, :-1]], dim=1)
+    dR = dA.flatten(2).flatten(0, 1).t() @ Y_prev.flatten(0, 1)
+    dp = None
+    if p is not None:
+        dp = torch.stack([(dA[:, :, gates.index(k)] * (C if k == "o" else C_prev)).sum((0, 1)) for k in peep])
+    dR_gates = None
+    if prev0:  # FGR
+        ifo = [gates.index(k) for k in "ifo"]
+        P = torch.cat([prev0[0][:, None], A[:, :-1][:, :, ifo].flatten(2)], dim=1)  # [i; f; o]_{t-1}
+        dR_gates = dA[:, :, ifo].flatten(2).flatten(0, 1).t() @ P.flatten(0, 1)
+    return dR, dp, dR_gates
+
+
+def _spec(variant: str) -> list[int]:
+    """The variant as the fused kernel reads it (ops/lstm_fused.py)."""
+    return variant_spec(GATES[variant], PEEPHOLES[variant], cifg=variant == "CIFG", niaf=variant == "NIAF",
+                        noaf=variant == "NOAF", fgr=variant == "FGR")
 
 
 def _h(variant: str, c: Tensor) -> Tensor:
