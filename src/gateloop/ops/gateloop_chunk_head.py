@@ -32,7 +32,8 @@ from torch import Tensor
 def _blocks(x: Tensor, B: int, N: int, C: int, H: int) -> Tensor:
     """[B, N C, H, X] -> [B H N, C, X], contiguous: one GEMM-ready block per (batch, head, chunk)."""
     X = x.shape[-1]
-    return x.reshape(B, N, C, H, X).permute(0, 3, 1, 2, 4).reshape(B * H * N, C, X)
+    # contiguous: an expanded gradient (stride 0) would reshape into a view that bmm copies per matrix
+    return x.reshape(B, N, C, H, X).permute(0, 3, 1, 2, 4).reshape(B * H * N, C, X).contiguous()
 
 
 def _unblocks(x: Tensor, B: int, N: int, C: int, H: int, T: int) -> Tensor:
@@ -66,14 +67,13 @@ def _weights(rho: Tensor, theta: Tensor | None, sign: float) -> Tensor:
 
 
 def _weighted(x: Tensor, w: Tensor) -> Tensor:
-    """x [G, C, K] times each of w's P planes [G, C, P] -> [G, C, P K] (the planes side by side)."""
-    return (x.unsqueeze(-2) * w.unsqueeze(-1)).flatten(-2)
-
-
-def _weight_grads(dxw: Tensor, x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """For xw = _weighted(x, w) and its gradient dxw [G, C, P K]: (dL/dx [G, C, K], dL/dw [G, C, P])."""
-    dxw = dxw.view(*x.shape[:2], w.shape[-1], x.shape[-1])
-    return (dxw * w.unsqueeze(-1)).sum(-2), (dxw * x.unsqueeze(-2)).sum(-1)
+    """x [G, C, K] times each of w's P planes [G, C, P] -> [G, C, P K] (the planes side by side),
+    one row-scaled pass per plane (a broadcast [.., P, 1] * [.., 1, K] product is several times slower)."""
+    G, C, K = x.shape
+    out = x.new_empty(G, C, w.shape[-1] * K)
+    for p in range(w.shape[-1]):
+        torch.mul(x, w[..., p:p + 1], out=out[..., p * K:(p + 1) * K])
+    return out
 
 
 def _polar_grads(dw: Tensor, w: Tensor, sign: float) -> tuple[Tensor, Tensor | None]:
@@ -98,30 +98,42 @@ class ChunkPerHead(torch.autograd.Function):
         if pad:
             q, k, v, log_a = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v, log_a))
         qc, kc, vc = (_blocks(x, B, N, C, H) for x in (q, k, v))
+        G = qc.shape[0]
         la = _blocks(log_a, B, N, C, H)[..., 0]  # [G, C]
         cplx = la.is_complex()
         rho = (la.real if cplx else la).cumsum(-1)
         theta = la.imag.cumsum(-1) if cplx else None
 
         # Intra-chunk: (A * W) v with A = q k^T.
+        # Saved for the backward pass: A, W, A * W and (complex) Ws = E * sin, each [G, C, C].
         E = _masked_exp_diff(rho)
-        W = E * _phase_products(theta)[0] if cplx else E
+        Ws = None
+        if cplx:
+            cos_d, sin_d = _phase_products(theta)
+            W, Ws = E * cos_d, E.mul_(sin_d)
+        else:
+            W = E
         A = torch.bmm(qc, kc.transpose(1, 2))
-        o = torch.bmm(A * W, vc)
+        AW = A * W
+        o = torch.bmm(AW, vc)
 
         # Each chunk's contribution to the state at its end, and the state passed chunk to chunk.
         Kw = _weights(rho[:, -1:] - rho, None if theta is None else theta[:, -1:] - theta, 1.0)
         P = Kw.shape[-1]
-        U = torch.bmm(_weighted(kc, Kw).transpose(1, 2), vc).view(B * H, N, P, K, V)
+        # One [K, C] @ [C, V] product per plane: as one [P K, C] @ [C, V] product MKL runs at half the rate.
+        U = qc.new_empty(P, G, K, V)
+        for p in range(P):
+            torch.bmm((kc * Kw[..., p:p + 1]).transpose(1, 2), vc, out=U[p])
+        U = U.view(P, B * H, N, K, V)
         a_end = _weights(rho[:, -1], None if theta is None else theta[:, -1], 1.0).view(B * H, N, P)
         S_in = _pass_states(a_end, U, S0)  # [B H, N, P, K, V]: the state entering each chunk
-        S_T = _step(a_end[:, -1], S_in[:, -1], U[:, -1])
+        S_T = _step(a_end[:, -1], S_in[:, -1], U[:, :, -1].transpose(0, 1))
 
         # The carried state's contribution to the outputs: Re(q e^b S_n) as one real product.
         Qw = _weights(rho, theta, -1.0)
-        o = torch.baddbmm(o, _weighted(qc, Qw), S_in.view(-1, P * K, V))
+        o += torch.bmm(_weighted(qc, Qw), S_in.view(-1, P * K, V))  # (baddbmm loops over the batch on CPU)
 
-        ctx.save_for_backward(qc, kc, vc, A, E, rho, theta, S_in, a_end)
+        ctx.save_for_backward(qc, kc, vc, A, W, Ws, AW, rho, theta, S_in, a_end)
         ctx.dims = (B, T, H, N, C, S0 is not None)
         S_T = S_T.view(B, H, P, K, V)
         S_T = torch.complex(S_T[:, :, 0], S_T[:, :, 1]) if cplx else S_T[:, :, 0]
@@ -130,7 +142,7 @@ class ChunkPerHead(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dS_T):
-        qc, kc, vc, A, E, rho, theta, S_in, a_end = ctx.saved_tensors
+        qc, kc, vc, A, W, Ws, AW, rho, theta, S_in, a_end = ctx.saved_tensors
         B, T, H, N, C, has_S0 = ctx.dims
         G, _, K = qc.shape
         V = vc.shape[-1]
@@ -140,42 +152,43 @@ class ChunkPerHead(torch.autograd.Function):
             do = F.pad(do, (0, 0, 0, 0, 0, N * C - T))
         doc = _blocks(do, B, N, C, H)
 
-        # Intra-chunk.
-        if cplx:
-            cos_d, sin_d = _phase_products(theta)
-            W = E * cos_d
-        else:
-            W = E
-        dv = torch.bmm((A * W).transpose(1, 2), doc)
+        # Intra-chunk. W_ts = Re e^{b_t - b_s}: dW/drho_t = -dW/drho_s = W, dW/dtheta_t = -dW/dtheta_s = -Ws.
+        dv = torch.bmm(AW.transpose(1, 2), doc)
         dP = torch.bmm(doc, vc.transpose(1, 2))
-        dA = dP * W
+        dW = dP * A
+        dA = dP.mul_(W)
         dq = torch.bmm(dA, kc)
         dk = torch.bmm(dA.transpose(1, 2), qc)
-        GE = dP.mul_(A).mul_(E)  # dL/dW * E: dL/dW_ts times dW_ts / d(rho_t - rho_s) over cos
+        g = dW * W
+        drho = g.sum(-1) - g.sum(-2)
+        dtheta = None
         if cplx:
-            g_rho, g_theta = GE * cos_d, GE.mul_(sin_d).neg_()
-            drho = g_rho.sum(-1) - g_rho.sum(-2)
-            dtheta = g_theta.sum(-1) - g_theta.sum(-2)
-        else:
-            drho, dtheta = GE.sum(-1) - GE.sum(-2), None
+            g = dW.mul_(Ws)
+            dtheta = g.sum(-2) - g.sum(-1)
 
         # The carried state's contribution to the outputs.
         Qw = _weights(rho, theta, -1.0)
-        S_flat = S_in.view(G, P * K, V)
-        dq_w, dQw = _weight_grads(torch.bmm(doc, S_flat.transpose(1, 2)), qc, Qw)
-        dq += dq_w
-        dS_local = torch.bmm(_weighted(qc, Qw).transpose(1, 2), doc).view(B * H, N, P, K, V)
-        d_r, d_t = _polar_grads(dQw, Qw, -1.0)
+        S_g = S_in.view(G, P, K, V)
+        dS_local = qc.new_empty(P, G, K, V)
+        dQw = []
+        for p in range(P):  # per plane: [C, V] @ [V, K] and [K, C] @ [C, V], MKL's faster shapes
+            dqw = torch.bmm(doc, S_g[:, p].transpose(1, 2))
+            dq.addcmul_(dqw, Qw[..., p:p + 1])
+            dQw.append((dqw * qc).sum(-1))
+            torch.bmm((qc * Qw[..., p:p + 1]).transpose(1, 2), doc, out=dS_local[p])
+        dS_local = dS_local.view(P, B * H, N, K, V)
+        d_r, d_t = _polar_grads(torch.stack(dQw, -1), Qw, -1.0)
         drho += d_r
         if cplx:
             dtheta += d_t
 
         # The state passed between chunks, backwards: dU_n = R_n = dL/dS_{n+1}.
-        R = _planes(dS_T).reshape(B * H, P, K, V)
         dU = torch.empty_like(S_in)
-        for n in range(N - 1, -1, -1):
-            dU[:, n] = R
-            R = _step(_conj(a_end[:, n]), R, dS_local[:, n])
+        dU[:, -1] = _planes(dS_T).reshape(B * H, P, K, V)
+        a_conj = _conj(a_end)
+        for n in range(N - 1, 0, -1):
+            _step(a_conj[:, n], dU[:, n], dS_local[:, :, n].transpose(0, 1), out=dU[:, n - 1])
+        R = _step(a_conj[:, 0], dU[:, 0], dS_local[:, :, 0].transpose(0, 1))  # dL/dS0
         # dL/db_C = conj(a_end) sum(R_n conj(S_n)) over the state, as (Re, Im) planes.
         if cplx:
             z = torch.stack([(dU * S_in).sum((-3, -2, -1)),
@@ -188,11 +201,14 @@ class ChunkPerHead(torch.autograd.Function):
 
         # Each chunk's contribution to the state at its end.
         Kw = _weights(rho[:, -1:] - rho, None if theta is None else theta[:, -1:] - theta, 1.0)
-        dU_flat = dU.view(G, P * K, V)
-        dk_w, dKw = _weight_grads(torch.bmm(vc, dU_flat.transpose(1, 2)), kc, Kw)
-        dk += dk_w
-        dv = torch.baddbmm(dv, _weighted(kc, Kw), dU_flat)
-        d_phi, d_psi = _polar_grads(dKw, Kw, 1.0)  # w.r.t. rho_C - rho_s and theta_C - theta_s
+        dU_g = dU.view(G, P, K, V)
+        dKw = []
+        for p in range(P):
+            dkw = torch.bmm(vc, dU_g[:, p].transpose(1, 2))
+            dk.addcmul_(dkw, Kw[..., p:p + 1])
+            dKw.append((dkw * kc).sum(-1))
+        dv += torch.bmm(_weighted(kc, Kw), dU.view(G, P * K, V))
+        d_phi, d_psi = _polar_grads(torch.stack(dKw, -1), Kw, 1.0)  # w.r.t. rho_C - rho_s, theta_C - theta_s
         drho -= d_phi
         drho[:, -1] += d_phi.sum(-1) + d_end[:, 0]
         if cplx:
@@ -224,22 +240,28 @@ def _conj(a: Tensor) -> Tensor:
     return a if a.shape[-1] == 1 else torch.stack([a[..., 0], -a[..., 1]], dim=-1)
 
 
-def _step(a: Tensor, S: Tensor, U: Tensor) -> Tensor:
-    """a S + U for a [BH, P] (one complex or real scalar per head) and S, U [BH, P, K, V] planes."""
+def _step(a: Tensor, S: Tensor, U: Tensor, out: Tensor | None = None) -> Tensor:
+    """a S + U for a [BH, P] (one complex or real scalar per head) and S, U [BH, P, K, V] planes,
+    written into out (a fresh tensor when None), which must not overlap S."""
+    out = torch.empty_like(U) if out is None else out
     if a.shape[-1] == 1:
-        return torch.addcmul(U, a[:, :, None, None], S)
-    ar, ai = a[:, 0, None, None, None], a[:, 1, None, None, None]
-    Sr, Si = S[:, 0:1], S[:, 1:2]
-    return torch.cat([Sr * ar - Si * ai, Sr * ai + Si * ar], dim=1).add_(U)
+        return torch.addcmul(U, a[:, :, None, None], S, out=out)
+    ar, ai = a[:, 0, None, None], a[:, 1, None, None]
+    Sr, Si = S[:, 0], S[:, 1]
+    torch.addcmul(U[:, 0], ar, Sr, out=out[:, 0]).addcmul_(ai, Si, value=-1)
+    torch.addcmul(U[:, 1], ar, Si, out=out[:, 1]).addcmul_(ai, Sr)
+    return out
 
 
 def _pass_states(a_end: Tensor, U: Tensor, S0: Tensor | None) -> Tensor:
-    """The state entering each chunk, S_0 = S0 (or 0) and S_{n+1} = a_end_n S_n + U_n: [BH, N, P, K, V]."""
-    BH, N, P = a_end.shape
-    S_in = torch.empty_like(U)
-    S = U.new_zeros(U[:, 0].shape) if S0 is None else _planes(S0).reshape(U[:, 0].shape)
-    for n in range(N):
-        S_in[:, n] = S
-        if n + 1 < N:
-            S = _step(a_end[:, n], S, U[:, n])
+    """The state entering each chunk, S_0 = S0 (or 0) and S_{n+1} = a_end_n S_n + U_n: [BH, N, P, K, V]
+    from U: [P, BH, N, K, V] (the layout its per-plane products write)."""
+    N = a_end.shape[1]
+    S_in = U.new_empty(U.shape[1], N, U.shape[0], *U.shape[3:])
+    if S0 is None:
+        S_in[:, 0].zero_()
+    else:
+        S_in[:, 0] = _planes(S0).reshape(S_in[:, 0].shape)
+    for n in range(N - 1):
+        _step(a_end[:, n], S_in[:, n], U[:, :, n].transpose(0, 1), out=S_in[:, n + 1])
     return S_in
