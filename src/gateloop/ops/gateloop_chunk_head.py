@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .gateloop_fused import chunk_kernel, fused_chunk_available
+
 
 def _blocks(x: Tensor, B: int, N: int, C: int, H: int) -> Tensor:
     """[B, N C, H, X] -> [B H N, C, X], contiguous: one GEMM-ready block per (batch, head, chunk)."""
@@ -105,16 +107,19 @@ class ChunkPerHead(torch.autograd.Function):
         theta = la.imag.cumsum(-1) if cplx else None
 
         # Intra-chunk: (A * W) v with A = q k^T.
-        # Saved for the backward pass: A, W, A * W and (complex) Ws = E * sin, each [G, C, C].
-        E = _masked_exp_diff(rho)
-        Ws = None
-        if cplx:
-            cos_d, sin_d = _phase_products(theta)
-            W, Ws = E * cos_d, E.mul_(sin_d)
-        else:
-            W = E
         A = torch.bmm(qc, kc.transpose(1, 2))
-        AW = A * W
+        fused = fused_chunk_available(A)
+        W = Ws = None  # saved for the backward pass by the PyTorch path: W and (complex) Ws = E * sin
+        if fused:  # one pass over A (csrc/gateloop_chunk.cpp), the decay recomputed backwards
+            AW = chunk_kernel().forward(A, rho, theta)
+        else:
+            E = _masked_exp_diff(rho)
+            if cplx:
+                cos_d, sin_d = _phase_products(theta)
+                W, Ws = E * cos_d, E.mul_(sin_d)
+            else:
+                W = E
+            AW = A * W
         o = torch.bmm(AW, vc)
 
         # Each chunk's contribution to the state at its end, and the state passed chunk to chunk.
@@ -134,7 +139,7 @@ class ChunkPerHead(torch.autograd.Function):
         o += torch.bmm(_weighted(qc, Qw), S_in.view(-1, P * K, V))  # (baddbmm loops over the batch on CPU)
 
         ctx.save_for_backward(qc, kc, vc, A, W, Ws, AW, rho, theta, S_in, a_end)
-        ctx.dims = (B, T, H, N, C, S0 is not None)
+        ctx.dims = (B, T, H, N, C, S0 is not None, fused)
         S_T = S_T.view(B, H, P, K, V)
         S_T = torch.complex(S_T[:, :, 0], S_T[:, :, 1]) if cplx else S_T[:, :, 0]
         return _unblocks(o, B, N, C, H, T), S_T
@@ -143,7 +148,7 @@ class ChunkPerHead(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dS_T):
         qc, kc, vc, A, W, Ws, AW, rho, theta, S_in, a_end = ctx.saved_tensors
-        B, T, H, N, C, has_S0 = ctx.dims
+        B, T, H, N, C, has_S0, fused = ctx.dims
         G, _, K = qc.shape
         V = vc.shape[-1]
         cplx = theta is not None
@@ -155,16 +160,20 @@ class ChunkPerHead(torch.autograd.Function):
         # Intra-chunk. W_ts = Re e^{b_t - b_s}: dW/drho_t = -dW/drho_s = W, dW/dtheta_t = -dW/dtheta_s = -Ws.
         dv = torch.bmm(AW.transpose(1, 2), doc)
         dP = torch.bmm(doc, vc.transpose(1, 2))
-        dW = dP * A
-        dA = dP.mul_(W)
+        if fused:
+            dA, drho, *rest = chunk_kernel().backward(dP, A, rho, theta)  # dA overwrites dP
+            dtheta = rest[0] if cplx else None
+        else:
+            dW = dP * A
+            dA = dP.mul_(W)
+            g = dW * W
+            drho = g.sum(-1) - g.sum(-2)
+            dtheta = None
+            if cplx:
+                g = dW.mul_(Ws)
+                dtheta = g.sum(-2) - g.sum(-1)
         dq = torch.bmm(dA, kc)
         dk = torch.bmm(dA.transpose(1, 2), qc)
-        g = dW * W
-        drho = g.sum(-1) - g.sum(-2)
-        dtheta = None
-        if cplx:
-            g = dW.mul_(Ws)
-            dtheta = g.sum(-2) - g.sum(-1)
 
         # The carried state's contribution to the outputs.
         Qw = _weights(rho, theta, -1.0)

@@ -29,40 +29,64 @@ from torch import Tensor
 
 SOURCE = Path(__file__).parent / "csrc" / "gateloop_scan.cpp"
 NAME = "gateloop_scan_kernels"
+# The chunk form's intra-chunk decay (one decay per head), used by ops/gateloop_chunk_head.py.
+CHUNK_SOURCE = Path(__file__).parent / "csrc" / "gateloop_chunk.cpp"
+CHUNK_NAME = "gateloop_chunk_kernels"
 
 
-def build_directory() -> Path:
-    """Where the compiled kernel is cached: $GATELOOP_CACHE (default ~/.cache/gateloop), per torch
+def build_directory(source: Path = SOURCE) -> Path:
+    """Where a compiled kernel is cached: $GATELOOP_CACHE (default ~/.cache/gateloop), per torch
     version and per source text, so that upgrading torch or editing the kernel rebuilds it, and two
     checkouts with different sources do not rebuild each other's."""
     root = Path(os.environ.get("GATELOOP_CACHE", Path.home() / ".cache" / "gateloop"))
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
     return root / "kernels" / f"torch-{torch.__version__}-{digest}"
 
 
-@functools.cache
-def _kernel():
+def _build(source: Path, name: str, what: str):
     """The compiled module, or None (with one warning saying why) where it cannot be built."""
     try:
         from torch.utils.cpp_extension import load
 
-        where = build_directory()
+        where = build_directory(source)
         where.mkdir(parents=True, exist_ok=True)
-        if not (where / f"{NAME}.so").exists():
-            print(f"gateloop: compiling the fused CPU scan kernels into {where} (once, about 30 s)", file=sys.stderr,
+        if not (where / f"{name}.so").exists():
+            print(f"gateloop: compiling the fused CPU {what} kernels into {where} (once, about 30 s)", file=sys.stderr,
                   flush=True)
-        return load(NAME, [str(SOURCE)], extra_cflags=["-O3"], build_directory=str(where), verbose=False)
+        return load(name, [str(source)], extra_cflags=["-O3"], build_directory=str(where), verbose=False)
     except Exception as e:  # noqa: BLE001  no compiler, no ninja, a read-only cache: use PyTorch
         reason = next(iter(str(e).strip().splitlines()), type(e).__name__)[:200]
-        warnings.warn(f"gateloop: the fused CPU scan could not be built ({reason}); using the PyTorch "
-                      "path (set GATELOOP_FUSED=0 to skip the attempt)", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"gateloop: the fused CPU {what} could not be built ({reason}); using the PyTorch "
+                      "path (set GATELOOP_FUSED=0 to skip the attempt)", RuntimeWarning, stacklevel=4)
         return None
+
+
+@functools.cache
+def _kernel():
+    """The compiled scan module, or None where it cannot be built."""
+    return _build(SOURCE, NAME, "scan")
+
+
+@functools.cache
+def chunk_kernel():
+    """The compiled chunk module (csrc/gateloop_chunk.cpp), or None where it cannot be built."""
+    return _build(CHUNK_SOURCE, CHUNK_NAME, "chunk")
+
+
+def _switched_on(x: Tensor) -> bool:
+    return x.device.type == "cpu" and os.environ.get("GATELOOP_FUSED", "1") != "0"
 
 
 @torch.compiler.disable  # under torch.compile, decide eagerly (Dynamo cannot trace the build)
 def fused_scan_available(x: Tensor) -> bool:
     """Whether FusedScan can run on x's device (CPU, kernels built, not switched off)."""
-    return x.device.type == "cpu" and os.environ.get("GATELOOP_FUSED", "1") != "0" and _kernel() is not None
+    return _switched_on(x) and _kernel() is not None
+
+
+@torch.compiler.disable
+def fused_chunk_available(x: Tensor) -> bool:
+    """Whether chunk_kernel() can run on x's device (CPU, built, not switched off by GATELOOP_FUSED=0)."""
+    return _switched_on(x) and chunk_kernel() is not None
 
 
 def _planes(x: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
