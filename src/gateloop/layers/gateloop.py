@@ -10,11 +10,30 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import GATELOOP_MODES, gateloop_chunk
+from ..ops.gateloop_fused import fused_scan_available
 from .base import Mixer, register_mixer
 from .common import RMSNorm, gated_output
 
 DECAYS = ("channel", "head")
 TRANSITIONS = ("data", "fixed", "none")
+
+
+def pick_mode(device_type: str, head_dim: int, per_channel_decay: bool, fused_scan: bool) -> str:
+    """mode=None's choice, from forward+backward timings of both ops at the layer's shapes
+    (benchmarks/bench_auto_mode.py; figures in docs/performance.md, "Which mode mode=None picks"):
+
+    - head_dim 1 (max-headed): "scan"; the chunk form's C x C matrices are outer products of scalars.
+    - a decay per key channel, on CPU with the fused scan kernels: "scan", 3x to 6.6x faster than the
+      chunk form, whose [C, C, K] decays are elementwise work; without the kernels the PyTorch scan
+      materialises every [K, V] state and "chunk" is kept.
+    - everything else (one decay per head; other devices): "chunk", 1.5x to 5x faster than the fused
+      scan on CPU (head_dim 16 to 64), made of matrix products.
+    """
+    if head_dim == 1:
+        return "scan"
+    if per_channel_decay and device_type == "cpu" and fused_scan:
+        return "scan"
+    return "chunk"
 
 
 @register_mixer("gateloop")
@@ -181,13 +200,11 @@ class GateLoop(Mixer):
             return log_mag if beta is None else torch.complex(log_mag, beta)
 
     def auto_mode(self, device: torch.device) -> str:
-        """The fastest mode measured for this shape: "scan" for the max-headed layer (with K = V = 1 the
-        chunk form's C x C matrices are outer products of scalars, pure overhead) and, on CPU, for a
-        decay per key channel (the fused scan kernels train about 2x faster than the chunk form's
-        elementwise [C, C, K] decays there); "chunk", made of matrix products, everywhere else."""
-        if self.head_dim == 1 or (self.decay == "channel" and self.transition != "none" and device.type == "cpu"):
-            return "scan"
-        return "chunk"
+        """The fastest mode for this layer's shape on device: pick_mode, told whether the fused CPU
+        scan kernels are there (built and not switched off by GATELOOP_FUSED=0)."""
+        per_channel = self.decay == "channel" and self.transition != "none"  # "none" gives log_a [.., 1]
+        fused = device.type == "cpu" and fused_scan_available(torch.empty(0, device=device))
+        return pick_mode(device.type, self.head_dim, per_channel, fused)
 
     def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x: [B, T, D], state: [B, H, K, V] or None -> (y: [B, T, D], new state [B, H, K, V])."""
