@@ -134,7 +134,8 @@ def test_bad_state_shape_raises():
 @pytest.mark.parametrize("device,head_dim,per_channel,fused,expected", [
     ("cpu", 1, True, True, "scan"), ("cpu", 1, False, False, "scan"), ("cuda", 1, True, False, "scan"),
     ("cpu", 16, True, True, "scan"), ("cpu", 64, True, True, "scan"),
-    ("cpu", 16, True, False, "chunk"), ("cuda", 16, True, False, "chunk"),
+    ("cpu", 16, True, False, "scan"), ("cpu", 32, True, False, "chunk"), ("cpu", 64, True, False, "chunk"),
+    ("cuda", 16, True, False, "chunk"), ("cuda", 64, True, True, "chunk"),
     ("cpu", 16, False, True, "chunk"), ("cpu", 64, False, True, "chunk"), ("cuda", 64, False, False, "chunk"),
 ])
 def test_pick_mode_follows_the_measurements(device, head_dim, per_channel, fused, expected):
@@ -145,11 +146,12 @@ def test_pick_mode_follows_the_measurements(device, head_dim, per_channel, fused
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("opts,with_kernel,without", [
     (dict(head_dim=1), "scan", "scan"),
-    (dict(head_dim=4, decay="channel"), "scan", "chunk"),
+    (dict(head_dim=4, decay="channel"), "scan", "scan"),
+    (dict(head_dim=32, d_model=64, decay="channel"), "scan", "chunk"),
     (dict(head_dim=4, decay="channel", transition="none", use_complex=False), "chunk", "chunk"),  # log_a [.., 1]
     (dict(head_dim=4, decay="head"), "chunk", "chunk"),
 ])
 def test_auto_mode_reads_the_layer_and_the_kernels(opts, with_kernel, without, fused, monkeypatch):
     monkeypatch.setattr(gateloop_layer, "fused_scan_available", lambda x: fused)
-    layer = GateLoop(D, **opts)
+    layer = GateLoop(**{"d_model": D, **opts})
     assert layer.auto_mode(torch.device("cpu")) == (with_kernel if fused else without)

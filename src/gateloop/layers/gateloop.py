@@ -23,15 +23,16 @@ def pick_mode(device_type: str, head_dim: int, per_channel_decay: bool, fused_sc
     (benchmarks/bench_auto_mode.py; figures in docs/performance.md, "Which mode mode=None picks"):
 
     - head_dim 1 (max-headed): "scan"; the chunk form's C x C matrices are outer products of scalars.
-    - a decay per key channel, on CPU with the fused scan kernels: "scan", 3x to 6.6x faster than the
-      chunk form, whose [C, C, K] decays are elementwise work; without the kernels the PyTorch scan
-      materialises every [K, V] state and "chunk" is kept.
+    - a decay per key channel, on CPU with the fused scan kernels: "scan", 2.7x to 6.6x faster than
+      the chunk form, whose [C, C, K] decays are elementwise work. Without the kernels the PyTorch
+      scan, which passes every [K, V] state through memory, still wins at head_dim 16 (x1.5) and
+      loses at 64 (x0.5): "scan" up to head_dim 16.
     - everything else (one decay per head; other devices): "chunk", 1.5x to 5x faster than the fused
       scan on CPU (head_dim 16 to 64), made of matrix products.
     """
     if head_dim == 1:
         return "scan"
-    if per_channel_decay and device_type == "cpu" and fused_scan:
+    if per_channel_decay and device_type == "cpu" and (fused_scan or head_dim <= 16):
         return "scan"
     return "chunk"
 
