@@ -3,7 +3,7 @@ side by side, forward+backward, at the shapes the layer hands them (H = d_model 
 K = V = head_dim, a complex decay per head or per key channel), on this machine's CPU.
 
     python benchmarks/bench_auto_mode.py [--threads 1] [--d-model 512] [--B 2] [--T 1024] [--head-dims 16 32 64]
-        [--decays head channel] [--repeat 3]
+        [--decays head channel] [--passes fwd fwd+bwd] [--repeat 3]
 
 Prints one row per shape with both times and the faster mode; rows go to benchmarks/out/auto_mode.csv.
 GATELOOP_FUSED=0 in the environment times the scan's PyTorch path instead of the fused kernels.
@@ -18,6 +18,11 @@ from _timing import median_time, print_table, write_csv
 
 from gateloop.ops import gateloop_chunk, gateloop_scan
 from gateloop.ops.gateloop_fused import fused_scan_available
+
+
+def fwd_ms(op, args, repeat):
+    with torch.no_grad():
+        return 1e3 * median_time(lambda: op(*args), repeat=repeat)
 
 
 def fwd_bwd_ms(op, args, repeat):
@@ -38,6 +43,8 @@ def main():
     parser.add_argument("--T", type=int, default=1024)
     parser.add_argument("--head-dims", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--decays", nargs="+", default=["head", "channel"], choices=["head", "channel"])
+    parser.add_argument("--passes", nargs="+", default=["fwd+bwd"], choices=["fwd", "fwd+bwd"],
+                        help="fwd: forward under torch.no_grad (evaluation, a prompt); fwd+bwd: training")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -51,9 +58,12 @@ def main():
             x.append(torch.complex(-0.1 * torch.rand(args.B, args.T, H, Kd, generator=g),
                                    torch.rand(args.B, args.T, H, Kd, generator=g)))
             x = [t.requires_grad_() for t in x]
-            chunk, scan = fwd_bwd_ms(gateloop_chunk, x, args.repeat), fwd_bwd_ms(gateloop_scan, x, args.repeat)
-            rows.append(dict(head_dim=K, decay=decay, H=H, chunk_ms=chunk, scan_ms=scan,
-                             faster="chunk" if chunk < scan else "scan", ratio=max(chunk, scan) / min(chunk, scan)))
+            for pass_, timer in (("fwd (no grad)", fwd_ms), ("fwd+bwd", fwd_bwd_ms)):
+                if pass_.split()[0] not in args.passes:
+                    continue
+                chunk, scan = timer(gateloop_chunk, x, args.repeat), timer(gateloop_scan, x, args.repeat)
+                rows.append(dict(head_dim=K, decay=decay, H=H, pass_=pass_, chunk_ms=chunk, scan_ms=scan,
+                                 faster="chunk" if chunk < scan else "scan", ratio=max(chunk, scan) / min(chunk, scan)))
             print(rows[-1], flush=True)
     print_table(rows)
     write_csv(rows, "auto_mode.csv")

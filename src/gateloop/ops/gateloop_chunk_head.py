@@ -6,6 +6,9 @@ Traced by autograd, the chunk form spends most of its time outside its matrix pr
 copies of [B, N, H, C, X] views, complex slabs split and stacked, and twice as many elementwise
 passes backwards. Here every operand is laid out once as contiguous [G = B H N, C, X] blocks, so
 each product is one batched GEMM on contiguous memory, and each elementwise pass is written once.
+On CPU the intra-chunk decay (A * W forwards, dA and the decay's gradient backwards) runs in a fused
+C++ kernel (csrc/gateloop_chunk.cpp, one pass over the [C, C] blocks each way); the PyTorch planes
+below (E, W, Ws) are its fallback and reference (GATELOOP_FUSED=0).
 
 Per chunk (index n) and head, with b_t = rho_t + i theta_t the cumulative log-decay from the chunk's
 start (a scalar per step), every quantity a real plane (P = 2 planes for a complex decay, 1 real):
@@ -54,7 +57,7 @@ def _masked_exp_diff(rho: Tensor) -> Tensor:
 
 def _phase_products(theta: Tensor) -> tuple[Tensor, Tensor]:
     """cos(theta_t - theta_s) and sin(theta_t - theta_s), [G, C, C], each as one rank-2 product of
-    per-step cosines and sines (one pass over the C x C block instead of a difference and a cos)."""
+    per-step cosines and sines (C cos and sin per block instead of C^2)."""
     c, s = torch.cos(theta), torch.sin(theta)
     cs = torch.stack([c, s], dim=-1)  # [G, C, 2]
     return torch.bmm(cs, cs.transpose(1, 2)), torch.bmm(torch.stack([s, -c], dim=-1), cs.transpose(1, 2))
