@@ -143,6 +143,26 @@ def test_pick_mode_follows_the_measurements(device, head_dim, per_channel, fused
     assert pick_mode(device, head_dim, per_channel, fused) == expected
 
 
+@pytest.mark.parametrize("device,head_dim,per_channel,fused,expected", [
+    ("cpu", 16, False, True, "scan"), ("cpu", 32, False, True, "scan"), ("cpu", 64, False, True, "chunk"),
+    ("cpu", 16, False, False, "chunk"), ("cuda", 16, False, False, "chunk"), ("cpu", 64, True, True, "scan"),
+])
+def test_pick_mode_without_gradients(device, head_dim, per_channel, fused, expected):
+    """Forward only, the scan kernel keeps two state rows: it wins for small heads."""
+    assert pick_mode(device, head_dim, per_channel, fused, grad=False) == expected
+
+
+def test_the_layer_asks_for_the_mode_with_its_grad_mode(monkeypatch):
+    seen = []
+    monkeypatch.setattr(GateLoop, "auto_mode", lambda self, device, grad=True: seen.append(grad) or "chunk")
+    layer = GateLoop(D, head_dim=4, decay="head")
+    x = torch.randn(B, T, D)
+    layer(x)
+    with torch.no_grad():
+        layer(x)
+    assert seen == [True, False]
+
+
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("opts,with_kernel,without", [
     (dict(head_dim=1), "scan", "scan"),
