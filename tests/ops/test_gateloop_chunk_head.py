@@ -111,3 +111,11 @@ def test_a_decay_per_channel_takes_the_traced_form(monkeypatch):
     monkeypatch.setattr(head.ChunkPerHead, "apply", fail)
     q = torch.randn(1, 9, 2, 4)
     gateloop_chunk(q, q, q, -torch.rand(1, 9, 2, 4))
+
+
+def test_runs_under_torch_compile():
+    """The Function is opaque to Dynamo (it runs eagerly inside the compiled graph): same values."""
+    lv = leaves(40, complex_=True, init=True)
+    expected = run(gateloop_chunk, lv, torch.float32, chunk_size=16)
+    compiled = torch.compile(gateloop_chunk)
+    assert_probes_close(run(compiled, lv, torch.float32, chunk_size=16), expected, torch.float32)

@@ -345,8 +345,16 @@ def gateloop_chunk(q, k, v, log_a, *, initial_state=None, output_final_state=Fal
     C = default_chunk_size(q.shape[-1], True) if chunk_size is None else chunk_size
     if C < 1:
         raise ValueError(f"chunk_size must be positive, got {C}")
-    o, S_T = ChunkPerHead.apply(q, k, v, log_a, S0, C)
+    o, S_T = _run_chunk_per_head(q, k, v, log_a, S0, C)
     return o.to(dtype), (S_T if output_final_state else None)
+
+
+# Opaque to torch.compile: Dynamo cannot trace the C++ kernel's call and, tracing the rest, AOT autograd
+# mistakes the views of the Function's in-place state planes (an assertion error); eager inside a
+# compiled graph, it is what the compiled graph would have run anyway (products and one kernel).
+@torch.compiler.disable
+def _run_chunk_per_head(q, k, v, log_a, S0, C):
+    return ChunkPerHead.apply(q, k, v, log_a, S0, C)
 
 
 @_accumulate_in_float32
