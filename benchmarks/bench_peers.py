@@ -7,8 +7,9 @@ Sections (each prints a table; all rows go to benchmarks/out/peers.csv, generati
   op:         our GateLoop op (scan mode, max-headed complex, B=4 T=2048 D=512) against
               gateloop-transformer 0.2.5's gate_loop_operator on the same values, after checking
               that both agree (outputs and gradients of q, k, v on a small float64 case).
-  chunk:      the chunk op at H=8, K=V=64, one complex decay per head: GFLOP/s (counted as in
-              gateloop.bench.chunk_flops) as a fraction of a 2048^3 float32 GEMM timed in the same run.
+  chunk:      the chunk op at H=8, K=V=64, B=4, T=2048, one complex decay per head and one per key
+              channel: GFLOP/s (counted as in gateloop.bench.chunk_flops) as a fraction of a 2048^3
+              float32 GEMM timed in the same run, beside the traced reference and the scan mode.
   layer:      our GateLoop layer (D=512, T=2048, B=4, the default max-headed layer) against
               GateLoopedAttention and SimpleGateLoopLayer, and against its own projections' matrix
               products alone (the floor).
@@ -121,24 +122,35 @@ def section_op(peers, repeat) -> list[dict]:
 # --------------------------------------------------------------------------------------------- chunk
 
 def section_chunk(repeat) -> list[dict]:
-    from gateloop.ops import gateloop_chunk
+    from gateloop.ops import gateloop_chunk, gateloop_scan
+    from gateloop.ops.gateloop import gateloop_chunk_traced
 
-    B, T, shape = 4, 2048, SHAPES["multi-head, decay per head"]
+    B, T = 4, 2048
     gemm = gemm_gflops()
-    g = torch.Generator().manual_seed(2)
-    args = [torch.randn(B, T, shape.H, shape.K, generator=g) for _ in range(3)]
-    args.append(torch.complex(-0.1 * torch.rand(B, T, shape.H, 1, generator=g), torch.rand(B, T, shape.H, 1, generator=g)))
-    args = [x.requires_grad_() for x in args]
-    f, fb = fwd_and_fwdbwd(lambda: gateloop_chunk(*args)[0], args, repeat)
-    gemm_after = gemm_gflops()
     rows = []
-    for name, ms, bwd, target in (("fwd", f, False, 0.50), ("fwd+bwd", fb, True, 0.35)):
-        flops = chunk_flops(B, T, shape, backward=bwd)
-        rate = flops / (ms / 1e3) / 1e9
-        rows.append(dict(section="chunk", what=f"gateloop_chunk H=8 K=V=64 per-head complex, {name}",
-                         fwd_ms=f if not bwd else None, fwdbwd_ms=fb if bwd else None,
-                         note=f"{flops / 1e9:.2f} GFLOP, {rate:.1f} GFLOP/s = {100 * rate / gemm:.0f}% of GEMM "
-                              f"{gemm:.1f} (after: {gemm_after:.1f}); target {100 * target:.0f}%"))
+    for shape in (SHAPES["multi-head, decay per head"], SHAPES["multi-head, decay per channel"]):
+        g = torch.Generator().manual_seed(2)
+        args = [torch.randn(B, T, shape.H, shape.K, generator=g) for _ in range(3)]
+        args.append(torch.complex(-0.1 * torch.rand(B, T, shape.H, shape.Kd, generator=g),
+                                  torch.rand(B, T, shape.H, shape.Kd, generator=g)))
+        args = [x.requires_grad_() for x in args]
+        decay = "per-head" if shape.Kd == 1 else "per-channel"
+        f, fb = fwd_and_fwdbwd(lambda: gateloop_chunk(*args)[0], args, repeat)
+        # The traced form (autograd through plain tensor code), the reference the fast path replaced.
+        f_r, fb_r = fwd_and_fwdbwd(lambda: gateloop_chunk_traced(*args)[0], args, repeat)
+        f_s, fb_s = fwd_and_fwdbwd(lambda: gateloop_scan(*args)[0], args, repeat)
+        for name, ms, bwd, target in (("fwd", f, False, 0.50), ("fwd+bwd", fb, True, 0.35)):
+            flops = chunk_flops(B, T, shape, backward=bwd)
+            rate = flops / (ms / 1e3) / 1e9
+            rows.append(dict(section="chunk", what=f"gateloop_chunk H=8 K=V=64 {decay} complex, {name}",
+                             fwd_ms=f if not bwd else None, fwdbwd_ms=fb if bwd else None,
+                             note=f"{flops / 1e9:.2f} GFLOP, {rate:.1f} GFLOP/s = {100 * rate / gemm:.0f}% of GEMM "
+                                  f"{gemm:.1f}" + (f"; target {100 * target:.0f}%" if shape.Kd == 1 else "")))
+        rows.append(dict(section="chunk", what=f"gateloop_chunk_traced (the reference), {decay}", fwd_ms=f_r,
+                         fwdbwd_ms=fb_r, note=f"chunk faster than this: fwd x{f_r / f:.2f}, fwd+bwd x{fb_r / fb:.2f}"))
+        rows.append(dict(section="chunk", what=f"gateloop_scan, {decay}", fwd_ms=f_s, fwdbwd_ms=fb_s,
+                         note=f"chunk faster than this: fwd x{f_s / f:.2f}, fwd+bwd x{fb_s / fb:.2f}"))
+    rows[0]["note"] += f" (GEMM after the section: {gemm_gflops():.1f})"
     return rows
 
 

@@ -12,6 +12,8 @@ import torch
 from conftest import assert_close_rms, assert_probes_close, probe_layer
 
 from gateloop.layers import GateLoop
+from gateloop.layers import gateloop as gateloop_layer
+from gateloop.layers.gateloop import pick_mode
 
 D, B, T = 8, 2, 19  # T = 19: odd, and not a multiple of the chunk size 4 used below
 MODES = ["chunk", "scan", "attention", "recurrent"]
@@ -127,3 +129,49 @@ def test_bad_state_shape_raises():
     layer = GateLoop(D, head_dim=4)
     with pytest.raises(ValueError, match="initial_state"):
         layer(torch.randn(1, 3, D), torch.zeros(1, 2, 4, 5, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("device,head_dim,per_channel,fused,expected", [
+    ("cpu", 1, True, True, "scan"), ("cpu", 1, False, False, "scan"), ("cuda", 1, True, False, "scan"),
+    ("cpu", 16, True, True, "scan"), ("cpu", 64, True, True, "scan"),
+    ("cpu", 16, True, False, "scan"), ("cpu", 32, True, False, "chunk"), ("cpu", 64, True, False, "chunk"),
+    ("cuda", 16, True, False, "chunk"), ("cuda", 64, True, True, "chunk"),
+    ("cpu", 16, False, True, "chunk"), ("cpu", 64, False, True, "chunk"), ("cuda", 64, False, False, "chunk"),
+])
+def test_pick_mode_follows_the_measurements(device, head_dim, per_channel, fused, expected):
+    """The choice of mode=None (docs/performance.md, "Which mode mode=None picks"), not its timings."""
+    assert pick_mode(device, head_dim, per_channel, fused) == expected
+
+
+@pytest.mark.parametrize("device,head_dim,per_channel,fused,expected", [
+    ("cpu", 16, False, True, "scan"), ("cpu", 32, False, True, "scan"), ("cpu", 64, False, True, "chunk"),
+    ("cpu", 16, False, False, "chunk"), ("cuda", 16, False, False, "chunk"), ("cpu", 64, True, True, "scan"),
+])
+def test_pick_mode_without_gradients(device, head_dim, per_channel, fused, expected):
+    """Forward only, the scan kernel keeps two state rows: it wins for small heads."""
+    assert pick_mode(device, head_dim, per_channel, fused, grad=False) == expected
+
+
+def test_the_layer_asks_for_the_mode_with_its_grad_mode(monkeypatch):
+    seen = []
+    monkeypatch.setattr(GateLoop, "auto_mode", lambda self, device, grad=True: seen.append(grad) or "chunk")
+    layer = GateLoop(D, head_dim=4, decay="head")
+    x = torch.randn(B, T, D)
+    layer(x)
+    with torch.no_grad():
+        layer(x)
+    assert seen == [True, False]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("opts,with_kernel,without", [
+    (dict(head_dim=1), "scan", "scan"),
+    (dict(head_dim=4, decay="channel"), "scan", "scan"),
+    (dict(head_dim=32, d_model=64, decay="channel"), "scan", "chunk"),
+    (dict(head_dim=4, decay="channel", transition="none", use_complex=False), "chunk", "chunk"),  # log_a [.., 1]
+    (dict(head_dim=4, decay="head"), "chunk", "chunk"),
+])
+def test_auto_mode_reads_the_layer_and_the_kernels(opts, with_kernel, without, fused, monkeypatch):
+    monkeypatch.setattr(gateloop_layer, "fused_scan_available", lambda x: fused)
+    layer = GateLoop(**{"d_model": D, **opts})
+    assert layer.auto_mode(torch.device("cpu")) == (with_kernel if fused else without)

@@ -10,11 +10,36 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import GATELOOP_MODES, gateloop_chunk
+from ..ops.gateloop_fused import fused_scan_available
 from .base import Mixer, register_mixer
 from .common import RMSNorm, gated_output
 
 DECAYS = ("channel", "head")
 TRANSITIONS = ("data", "fixed", "none")
+
+
+def pick_mode(device_type: str, head_dim: int, per_channel_decay: bool, fused_scan: bool, grad: bool = True) -> str:
+    """mode=None's choice, from timings of both ops at the layer's shapes (benchmarks/bench_auto_mode.py;
+    figures in docs/performance.md, "Which mode mode=None picks"). grad: whether a backward pass will
+    follow (training) or not (evaluation, a prompt under torch.no_grad).
+
+    - head_dim 1 (max-headed): "scan"; the chunk form's C x C matrices are outer products of scalars.
+    - a decay per key channel, on CPU with the fused scan kernels: "scan", 2.7x to 6.6x faster than
+      the chunk form to train (8x to 17x forward), whose [C, C, K] decays are elementwise work.
+      Without the kernels the PyTorch scan, which passes every [K, V] state through memory, still
+      wins at head_dim 16 (x1.5) and loses at 64 (x0.5): "scan" up to head_dim 16.
+    - one decay per head on CPU with the kernels, forward only: "scan" up to head_dim 32 (x1.4 to
+      x1.9: the kernel keeps two state rows, not T); to train, "chunk", 1.5x to 5x faster.
+    - everything else (other devices, where the kernels do not run): "chunk", made of matrix products.
+    """
+    if head_dim == 1:
+        return "scan"
+    if device_type == "cpu":
+        if per_channel_decay and (fused_scan or head_dim <= 16):
+            return "scan"
+        if fused_scan and not grad and head_dim <= 32:
+            return "scan"
+    return "chunk"
 
 
 @register_mixer("gateloop")
@@ -180,14 +205,13 @@ class GateLoop(Mixer):
             log_mag = F.logsigmoid(alpha)  # = -softplus(-alpha): no overflow for any alpha
             return log_mag if beta is None else torch.complex(log_mag, beta)
 
-    def auto_mode(self, device: torch.device) -> str:
-        """The fastest mode measured for this shape: "scan" for the max-headed layer (with K = V = 1 the
-        chunk form's C x C matrices are outer products of scalars, pure overhead) and, on CPU, for a
-        decay per key channel (the fused scan kernels train about 2x faster than the chunk form's
-        elementwise [C, C, K] decays there); "chunk", made of matrix products, everywhere else."""
-        if self.head_dim == 1 or (self.decay == "channel" and self.transition != "none" and device.type == "cpu"):
-            return "scan"
-        return "chunk"
+    def auto_mode(self, device: torch.device, grad: bool = True) -> str:
+        """The fastest mode for this layer's shape on device, with or without a backward pass to
+        follow: pick_mode, told whether the fused CPU scan kernels are there (built and not switched
+        off by GATELOOP_FUSED=0)."""
+        per_channel = self.decay == "channel" and self.transition != "none"  # "none" gives log_a [.., 1]
+        fused = device.type == "cpu" and fused_scan_available(torch.empty(0, device=device))
+        return pick_mode(device.type, self.head_dim, per_channel, fused, grad)
 
     def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x: [B, T, D], state: [B, H, K, V] or None -> (y: [B, T, D], new state [B, H, K, V])."""
@@ -198,7 +222,7 @@ class GateLoop(Mixer):
         v = self.W_v(x).view(B, T, H, K)  # V = K
         log_a = self.compute_log_a(x)
         # One token (generation): the recurrent op is the same maths as every mode, with the least work.
-        mode = "recurrent" if T == 1 else self.mode or self.auto_mode(x.device)
+        mode = "recurrent" if T == 1 else self.mode or self.auto_mode(x.device, torch.is_grad_enabled())
         op = GATELOOP_MODES[mode]
         extra = {"chunk_size": self.chunk_size} if op is gateloop_chunk else {}
         # The op accumulates in float32 itself; autocast would push its matmuls back to bfloat16.

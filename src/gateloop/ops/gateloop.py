@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .gateloop_chunk_head import ChunkPerHead
 from .gateloop_fused import FusedScan, fused_scan_available
 from .scan import linear_recurrence, scan_blocked
 
@@ -331,7 +332,36 @@ def gateloop_chunk(q, k, v, log_a, *, initial_state=None, output_final_state=Fal
     passing between them. O(T C K + T K V), made of real matrix products.
 
     chunk_size defaults by shape (see default_chunk_size): the intra-chunk part costs O(C) per
-    token and the state passing O(K V / C), so small key dims want small chunks.
+    token and the state passing O(K V / C), so small key dims want small chunks. With one decay per
+    head this runs ChunkPerHead (ops/gateloop_chunk_head.py: contiguous blocks, batched GEMMs, the
+    backward written out); with a decay per key channel, and as the reference for ChunkPerHead,
+    gateloop_chunk_traced (the same maths traced by autograd).
+    """
+    if log_a.dim() == 0 or log_a.shape[-1] != 1:
+        return gateloop_chunk_traced(q, k, v, log_a, initial_state=initial_state,
+                                     output_final_state=output_final_state, chunk_size=chunk_size)
+    dtype = v.dtype
+    q, k, v, log_a, S0 = _prepare(q, k, v, log_a, initial_state)
+    C = default_chunk_size(q.shape[-1], True) if chunk_size is None else chunk_size
+    if C < 1:
+        raise ValueError(f"chunk_size must be positive, got {C}")
+    o, S_T = _run_chunk_per_head(q, k, v, log_a, S0, C)
+    return o.to(dtype), (S_T if output_final_state else None)
+
+
+# Opaque to torch.compile: Dynamo cannot trace the C++ kernel's call and, tracing the rest, AOT autograd
+# mistakes the views of the Function's in-place state planes (an assertion error); eager inside a
+# compiled graph, it is what the compiled graph would have run anyway (products and one kernel).
+@torch.compiler.disable
+def _run_chunk_per_head(q, k, v, log_a, S0, C):
+    return ChunkPerHead.apply(q, k, v, log_a, S0, C)
+
+
+@_accumulate_in_float32
+def gateloop_chunk_traced(q, k, v, log_a, *, initial_state=None, output_final_state=False,
+                          chunk_size: int | None = None) -> Result:
+    """gateloop_chunk's maths as plain tensor code, differentiated by autograd: the path for a decay
+    per key channel, and the reference ChunkPerHead is tested against.
 
     Every product is real. With b = log of the decay from the chunk's start (rho + i theta) and
     S = S_re + i S_im the complex state, Re(q^T e^b S) = [q e^rho cos theta, -q e^rho sin theta]

@@ -24,18 +24,33 @@ from .cpp import CSRC, build, fused_allowed
 
 SOURCE = CSRC / "gateloop_scan.cpp"
 NAME = "gateloop_scan_kernels"
+# The chunk form's intra-chunk decay (one decay per head), used by ops/gateloop_chunk_head.py.
+CHUNK_SOURCE = CSRC / "gateloop_chunk.cpp"
+CHUNK_NAME = "gateloop_chunk_kernels"
 
 
 @functools.cache
 def _kernel():
-    """The compiled module, or None where it cannot be built (ops/cpp.py)."""
+    """The compiled scan module, or None where it cannot be built (ops/cpp.py)."""
     return build(NAME, SOURCE, "scan kernels")
+
+
+@functools.cache
+def chunk_kernel():
+    """The compiled chunk module (csrc/gateloop_chunk.cpp), or None where it cannot be built."""
+    return build(CHUNK_NAME, CHUNK_SOURCE, "chunk kernels")
 
 
 @torch.compiler.disable  # under torch.compile, decide eagerly (Dynamo cannot trace the build)
 def fused_scan_available(x: Tensor) -> bool:
     """Whether FusedScan can run on x's device (CPU, kernels built, not switched off)."""
     return fused_allowed(x) and _kernel() is not None
+
+
+@torch.compiler.disable
+def fused_chunk_available(x: Tensor) -> bool:
+    """Whether chunk_kernel() can run on x's device (CPU, built, not switched off by GATELOOP_FUSED=0)."""
+    return fused_allowed(x) and chunk_kernel() is not None
 
 
 def _planes(x: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
