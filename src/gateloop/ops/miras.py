@@ -93,20 +93,24 @@ def _error_grad(rule: str, e: Tensor, delta: Tensor | None, p: float) -> Tensor:
     return e
 
 
-def _token_terms(rule, W1, W2, k, v, delta, p, scale) -> tuple[Tensor, Tensor, Tensor]:
+def _token_terms(rule, W1, W2, k, v, delta, p, scale, norms=None) -> tuple[Tensor, Tensor, Tensor]:
     """Per token j of a segment, at the chunk-start weights W: h_j = gelu(s k_j W1) [.., L, F] and the
     backpropagated errors d1_j = dl/dz_j [.., L, F], d2_j = dl/du_j [.., L, Dh], so that
-    grad_W1 l_j = s k_j^T d1_j and grad_W2 l_j = h_j^T d2_j (rank one: never materialised)."""
-    z = scale * (k @ W1)  # [B, H, L, F]
+    grad_W1 l_j = s k_j^T d1_j and grad_W2 l_j = h_j^T d2_j (rank one: never materialised).
+    norms = (n1, n2), scalars per (b, h): the weights are W1 / n1, W2 / n2 (Moneta passes its
+    accumulators and normalisers, and the divisions land on the small [L, .] products instead of
+    the full matrices)."""
+    n1, n2 = norms if norms is not None else (1.0, 1.0)
+    z = scale * (k @ W1) / n1  # [B, H, L, F]
     h = F.gelu(z)
-    u = h @ W2  # [B, H, L, Dh]
+    u = (h @ W2) / n2  # [B, H, L, Dh]
     uc = u - u.mean(-1, keepdim=True)
     r = torch.rsqrt(uc.pow(2).mean(-1, keepdim=True) + LN_EPS)
     n = uc * r
     g = _error_grad(rule, k + n - v, delta, p)
     d2 = r * (g - g.mean(-1, keepdim=True) - n * (g * n).mean(-1, keepdim=True))  # dl/du through LN
     gelu_prime = 0.5 * (1 + torch.erf(z / math.sqrt(2))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-    d1 = (d2 @ W2.transpose(-1, -2)) * gelu_prime  # dl/dz: [B, H, L, F]
+    d1 = (d2 @ W2.transpose(-1, -2)) / n2 * gelu_prime  # dl/dz: [B, H, L, F]
     return h, d1, d2
 
 
@@ -266,16 +270,15 @@ def miras_chunked(q, k, v, log_alpha, eta, *, rule, initial_state, delta=None, c
         sizes = _segment_sizes(xs[0].shape[2], n, chunk_size)
         segments = zip(*[[None] * len(sizes) if x is None else x.split(sizes, dim=2) for x in xs])
 
-        def at_chunk_start(w1, w2):  # the weights the gradients are taken at, and Moneta's normalisers
+        def at_chunk_start(w1, w2):  # the weights the gradients are taken at (Moneta: A and ||A||^(q-2))
             if rule != "moneta":
                 return memory_weights(rule, w1, w2, q_retention), None
-            norms = _normaliser(w1, q_retention), _normaliser(w2, q_retention)
-            return (w1 / norms[0], w2 / norms[1]), norms
+            return (w1, w2), (_normaliser(w1, q_retention), _normaliser(w2, q_retention))
 
         W, norms = at_chunk_start(w1, w2)
         out = []
         for qs, ks, vs, la, lr, ds in segments:  # [B, H, L, Dh] each
-            h, d1, d2 = _token_terms(rule, *W, ks, vs, ds, p, scale)
+            h, d1, d2 = _token_terms(rule, *W, ks, vs, ds, p, scale, norms)
             out.append(_read_segment(rule, qs, ks, h, d1, d2, lr, la, {"w1": w1, "w2": w2, "u1": u1, "u2": u2},
                                      q_retention, scale, norms))
             # Retention from after token j to the segment's end: an exclusive reverse cumulative sum.
