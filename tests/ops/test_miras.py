@@ -333,10 +333,11 @@ def test_bad_shapes():
 
 @pytest.mark.parametrize("rule", RULES)
 def test_factored_read_matches_the_masked_form(rule, monkeypatch):
-    """The fast read (decays factored as exp(cx_t) exp(-ci_j): triangular products, Memora's
-    cumulative sums) against the reference read (one masked [L, L, Dh] decay tensor), both inside
-    the chunked op: outputs, states and every gradient, from a mid-chunk state; then retention
-    strong enough to trip the overflow guard, where the fast path must hand over to the masked form."""
+    """The fast read (decays factored as exp(cx_t) exp(-ci_j): triangular products; Memora keeps the
+    masked form, so for it this checks the switch only) against the reference read (one masked
+    [L, L, Dh] decay tensor), both inside the chunked op: outputs, states and every gradient, from a
+    mid-chunk state; then retention strong enough to trip the overflow guard, where the fast path
+    must hand over to the masked form (against the reference loop)."""
     import gateloop.ops.miras as ops
 
     leaves, eta_max = make_leaves(19, rule, mid_chunk=True, seed=10)

@@ -160,34 +160,21 @@ def _read_segment_masked(rule, q, k, h, d1, d2, eta, la, state, q_retention, sca
 FACTOR_LIMIT = 30.0
 
 
-def _exclusive_cumsum(x: Tensor, dim: int) -> Tensor:
-    """sum of the entries before each position along dim (the first gets 0), without subtracting."""
-    head = torch.zeros_like(x.narrow(dim, 0, 1))
-    return torch.cat([head, x.narrow(dim, 0, x.shape[dim] - 1).cumsum(dim)], dim)
-
-
 def _read_segment(rule, q, k, h, d1, d2, eta, la, state, q_retention, scale, norms=None) -> Tensor:
-    """Outputs of a segment, token t reading P_{t-1} (see _read_segment_masked, the reference). The decay
-    between j and t factors as exp(cx_t) exp(-ci_j), so every decay-weighted sum over j < t is a
-    strictly-lower-triangular matrix product (Yaad, Moneta: [L, L] scores, like gated linear
-    attention's intra-chunk part) or an exclusive cumulative sum over j (Memora, whose softmax is not
-    linear: its per-token weights [L, Dh, F] are materialised, but without the [L, L, Dh, F] product).
-    Yaad and Moneta read P (over the chunk-start normaliser, norms) and are linear in it, so
-    M(P_{t-1}; q_t) has a closed form. Falls back to the masked form where exp(-ci) could overflow."""
+    """Outputs of a segment, token t reading P_{t-1} (see _read_segment_masked, the reference). For Yaad
+    and Moneta the decay between j and t factors as exp(cx_t) exp(-ci_j), so every decay-weighted sum
+    over j < t is a strictly-lower-triangular [L, L] matrix product, like gated linear attention's
+    intra-chunk part; they read P (over the chunk-start normaliser, norms) and are linear in it, so
+    M(P_{t-1}; q_t) has a closed form. Falls back to the masked form where exp(-ci) could overflow.
+    Memora always takes the masked form: its softmax is not linear, its per-token weights [L, Dh, F]
+    are materialised either way, and the masked einsum was the faster of the two (measured against
+    exclusive cumulative sums of the factored terms)."""
     ci = la.cumsum(2)  # inclusive log-retention up to j: [B, H, L, Dh]
-    if -ci[:, :, -1].min() > FACTOR_LIMIT:
+    if rule == "memora" or -ci[:, :, -1].min() > FACTOR_LIMIT:
         return _read_segment_masked(rule, q, k, h, d1, d2, eta, la, state, q_retention, scale)
     u1, u2 = state.get("u1", state["w1"]), state.get("u2", state["w2"])  # accumulators, not yet weights
     keep = (ci - la).exp()  # exp(cx_t): the retention of the segment's tokens before t
     grow = (-ci).exp()  # exp(-ci_j)
-    if rule == "memora":  # P_{t-1} = keep_t (.) (u - sum_{j<t} exp(-ci_j) (.) eta_j (.) G_j), softmax
-        g1 = _exclusive_cumsum((eta * k * grow).unsqueeze(-1) * d1.unsqueeze(-2), 2)  # [B, H, L, Dh, F]
-        P1 = keep.unsqueeze(-1) * (u1.unsqueeze(2) - scale * g1)
-        hq = F.gelu(scale * (q.unsqueeze(-2) @ P1.softmax(-1)).squeeze(-2))
-        g2 = _exclusive_cumsum(h.unsqueeze(-1) * (eta * d2 * grow).unsqueeze(-2), 2)  # [B, H, L, F, Dh]
-        P2 = keep.unsqueeze(-2) * (u2.unsqueeze(2) - g2)
-        u = (hq.unsqueeze(-2) @ P2.softmax(-2)).squeeze(-2)
-        return q + F.layer_norm(u, u.shape[-1:], eps=LN_EPS)
     n1, n2 = norms if norms is not None else (1.0, 1.0)  # W = P / n (Moneta; n is a scalar per (b, h))
     L = q.shape[2]
     before = torch.ones(L, L, dtype=torch.bool, device=q.device).tril(-1)  # j < t
