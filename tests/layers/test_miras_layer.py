@@ -152,13 +152,16 @@ def test_initial_memories():
 def test_moneta_stays_finite_over_a_long_window(monkeypatch, floor, finite):
     """A fresh Moneta on 4096 random inputs in float32 (the board's context length). Without the norm
     floor (floor 0, the control) retention shrinks A until sum |A|^4 underflows and W turns inf/NaN
-    (here after ~3,500 tokens); with it every output is finite."""
+    (here after ~3,500 tokens); with it every output is finite. Every channel starts at the one
+    retention time of the layers before 2026-12 (sigma(5): ~150 tokens), where the control fails;
+    the spread default keeps fast channels that write, and its sums stay away from underflow here."""
     import gateloop.ops.miras as ops
 
     if floor is not None:
         monkeypatch.setattr(ops, "MONETA_NORM_FLOOR", floor)
     torch.manual_seed(0)
-    mixer = Moneta(D, **SMALL, chunk_size=64)  # float32, small and coarse-chunked: about a second
+    tau = 1 + math.exp(5.0)
+    mixer = Moneta(D, **SMALL, chunk_size=64, retention_time_min=tau, retention_time_max=tau)  # float32: ~1 s
     y, state = mixer(torch.randn(1, 4096, D, generator=torch.Generator().manual_seed(1)))
     assert bool(torch.isfinite(y).all()) == finite
     if finite:
@@ -181,3 +184,18 @@ def test_the_output_depends_on_the_context(name):
         rel = (a[:, 30:] - b[:, -10:]).norm() / b[:, -10:].norm()
         assert rel > 1e-2, f"{name}: relative change {rel:.2e}"
     assert torch.equal(y[:, 30:31] * 0, y_other[:, 30:31] * 0)  # same shapes, finite
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_retention_times_at_init_spread_over_each_heads_channels(name):
+    """alpha's bias puts the retention times 1 / (1 - alpha) log-uniform in [2, 256] over each head's
+    channels, the same in every head; equal bounds give one time (the old ~150-token start)."""
+    mixer = CLASSES[name](D, **SMALL)
+    alpha = torch.sigmoid(mixer.W_alpha.up.bias.detach().double()).view(mixer.n_heads, mixer.head_dim)
+    tau = 1 / (1 - alpha)
+    assert torch.allclose(tau[:, 0], torch.full_like(tau[:, 0], 2.0)) and torch.allclose(tau[:, -1], tau[:, -1] * 0 + 256)
+    assert (tau.diff(dim=-1) > 0).all() and torch.allclose(tau, tau[:1].expand_as(tau))
+    one = CLASSES[name](D, **SMALL, retention_time_min=150.0, retention_time_max=150.0)
+    assert torch.allclose(torch.sigmoid(one.W_alpha.up.bias.double()), torch.tensor(1 - 1 / 150, dtype=torch.float64))
+    with pytest.raises(ValueError, match="retention_time"):
+        CLASSES[name](D, **SMALL, retention_time_min=1.0)

@@ -329,3 +329,33 @@ def test_bad_shapes():
         miras_chunked(x, x, x, x, x, rule="memora", delta=x, initial_state=state)
     with pytest.raises(ValueError, match="T >= 1"):
         miras_chunked(x[:, :0], x[:, :0], x[:, :0], x[:, :0], x[:, :0], rule="memora", initial_state=state)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_factored_read_matches_the_masked_form(rule, monkeypatch):
+    """The fast read (decays factored as exp(cx_t) exp(-ci_j): triangular products; Memora keeps the
+    masked form, so for it this checks the switch only) against the reference read (one masked
+    [L, L, Dh] decay tensor), both inside the chunked op: outputs, states and every gradient, from a
+    mid-chunk state; then retention strong enough to trip the overflow guard, where the fast path
+    must hand over to the masked form (against the reference loop)."""
+    import gateloop.ops.miras as ops
+
+    leaves, eta_max = make_leaves(19, rule, mid_chunk=True, seed=10)
+    fast = run(miras_chunked, leaves, eta_max, rule, 8, n=5)
+    monkeypatch.setattr(ops, "FACTOR_LIMIT", -1.0)  # every segment takes the masked form
+    check(fast, run(miras_chunked, leaves, eta_max, rule, 8, n=5), TOL[torch.float64], f"{rule}: factored vs masked")
+    monkeypatch.undo()
+    with torch.no_grad():
+        leaves["z_alpha"].sub_(12.0)  # log alpha ~ -10 a token: ~-80 over a chunk of 8
+    strong = run(miras_chunked, leaves, eta_max, rule, 8, n=5)
+    assert all(torch.isfinite(t).all() for t in strong[0])
+    check(strong, run(miras_recurrent, leaves, eta_max, rule, 8, n=5), TOL[torch.float64],
+          f"{rule}: strong retention, the guard's fallback vs the reference")
+
+
+def test_segment_sizes():
+    from gateloop.ops.miras import _segment_sizes
+
+    assert _segment_sizes(20, 0, 8) == [8, 8, 4]
+    assert _segment_sizes(20, 5, 8) == [3, 8, 8, 1]
+    assert _segment_sizes(2, 5, 8) == [2]

@@ -14,7 +14,9 @@ from ..ops.miras import MIRAS_MODES, MemoryState
 from .base import Mixer, register_mixer
 from .common import RMSNorm, gated_output
 
-ALPHA_BIAS_INIT = 5.0  # sigma(5) = 0.9933: the memory's retention time starts at ~150 tokens
+# The memory's retention times 1 / (1 - alpha) at init, log-uniform over each head's channels (as FoX's
+# decay times): fast channels give the reads a recency the slow ones lack. Equal bounds: one time.
+RETENTION_TIME_MIN, RETENTION_TIME_MAX = 2.0, 256.0
 DELTA_INIT = 1.0  # Yaad's Huber threshold at init, in units of the (unit-RMS) memory error
 
 
@@ -55,7 +57,9 @@ class _Miras(Mixer):
     64), expansion (F = round(expansion * head_dim), at least 1), chunk_size, gate_rank (the
     rank of the data-dependent gates), eta_max (None: the rule's default, 0.01; Memora 0.001),
     output_gate, mode ("chunk", the training form, or
-    "recurrent", the reference loop: same outputs, states and gradients, far slower).
+    "recurrent", the reference loop: same outputs, states and gradients, far slower),
+    retention_time_min / retention_time_max (the retention times 1 / (1 - alpha) at init, log-uniform
+    over each head's channels: 2 to 256 tokens; until 2026-12 every channel started at ~150).
 
     forward(x: [B, T, d_model], state or None) -> (y: [B, T, d_model], state). The state is the op's
     dict: "w1" [B, H, Dh, F], "w2" [B, H, F, Dh] (the accumulators at the last chunk boundary),
@@ -68,7 +72,8 @@ class _Miras(Mixer):
 
     def __init__(self, d_model: int, *, layer_idx: int = 0, n_layers: int = 1, head_dim: int | None = None,
                  expansion: float = 4.0, chunk_size: int = 16, gate_rank: int = 16, eta_max: float | None = None,
-                 output_gate: bool = True, mode: str = "chunk"):
+                 output_gate: bool = True, mode: str = "chunk", retention_time_min: float = RETENTION_TIME_MIN,
+                 retention_time_max: float = RETENTION_TIME_MAX):
         super().__init__()
         head_dim = math.gcd(d_model, 64) if head_dim is None else head_dim
         if head_dim < 1 or d_model % head_dim:
@@ -82,6 +87,9 @@ class _Miras(Mixer):
         eta_max = self.ETA_MAX if eta_max is None else eta_max
         if not 0 < eta_max < math.inf:
             raise ValueError(f"eta_max must be positive and finite, got {eta_max}")
+        if not 1 < retention_time_min <= retention_time_max < math.inf:
+            raise ValueError("need 1 < retention_time_min <= retention_time_max < inf, got "
+                             f"{retention_time_min}, {retention_time_max}")
         if mode not in MIRAS_MODES:
             raise ValueError(f"mode must be one of {sorted(MIRAS_MODES)}, got {mode!r}")
         self.d_model, self.layer_idx, self.n_layers = d_model, layer_idx, n_layers
@@ -91,7 +99,11 @@ class _Miras(Mixer):
         self.W_k = nn.Linear(d_model, d_model, bias=False)
         self.W_v = nn.Linear(d_model, d_model, bias=False)
         self.q_norm, self.k_norm, self.out_norm = RMSNorm(head_dim), RMSNorm(head_dim), RMSNorm(head_dim)
-        self.W_alpha = LowRank(d_model, gate_rank, d_model, ALPHA_BIAS_INIT)
+        self.W_alpha = LowRank(d_model, gate_rank, d_model, 0.0)
+        with torch.no_grad():  # alpha = 1 - 1 / tau: bias logit(alpha) = log(tau - 1), per head the same
+            tau = torch.logspace(math.log10(retention_time_min), math.log10(retention_time_max), head_dim,
+                                 dtype=torch.float64)
+            self.W_alpha.up.bias.copy_((tau - 1).log().repeat(d_model // head_dim))
         self.W_eta = LowRank(d_model, gate_rank, d_model, 0.0)
         self.W_g = nn.Linear(d_model, d_model, bias=False) if output_gate else None
         self.W_o = nn.Linear(d_model, d_model, bias=False)
