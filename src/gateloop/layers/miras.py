@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ..ops.miras import MIRAS_MODES, MemoryState
 from .base import Mixer, register_mixer
 from .common import RMSNorm, gated_output
+from .short_conv import conv_inputs, make_short_conv, with_conv_state
 
 ALPHA_BIAS_INIT = 5.0  # sigma(5) = 0.9933: the memory's retention time starts at ~150 tokens
 DELTA_INIT = 1.0  # Yaad's Huber threshold at init, in units of the (unit-RMS) memory error
@@ -55,7 +56,8 @@ class _Miras(Mixer):
     64), expansion (F = round(expansion * head_dim), at least 1), chunk_size, gate_rank (the
     rank of the data-dependent gates), eta_max (None: the rule's default, 0.01; Memora 0.001),
     output_gate, mode ("chunk", the training form, or
-    "recurrent", the reference loop: same outputs, states and gradients, far slower).
+    "recurrent", the reference loop: same outputs, states and gradients, far slower), short_conv (the
+    width of a causal convolution on the inputs, layers/short_conv.py; 0, the default: none).
 
     forward(x: [B, T, d_model], state or None) -> (y: [B, T, d_model], state). The state is the op's
     dict: "w1" [B, H, Dh, F], "w2" [B, H, F, Dh] (the accumulators at the last chunk boundary),
@@ -68,7 +70,7 @@ class _Miras(Mixer):
 
     def __init__(self, d_model: int, *, layer_idx: int = 0, n_layers: int = 1, head_dim: int | None = None,
                  expansion: float = 4.0, chunk_size: int = 16, gate_rank: int = 16, eta_max: float | None = None,
-                 output_gate: bool = True, mode: str = "chunk"):
+                 output_gate: bool = True, mode: str = "chunk", short_conv: int = 0):
         super().__init__()
         head_dim = math.gcd(d_model, 64) if head_dim is None else head_dim
         if head_dim < 1 or d_model % head_dim:
@@ -87,6 +89,7 @@ class _Miras(Mixer):
         self.d_model, self.layer_idx, self.n_layers = d_model, layer_idx, n_layers
         self.head_dim, self.n_heads, self.hidden = head_dim, d_model // head_dim, max(1, round(expansion * head_dim))
         self.chunk_size, self.eta_max, self.mode = chunk_size, eta_max, mode
+        self.conv = make_short_conv(d_model, short_conv)
         self.W_q = nn.Linear(d_model, d_model, bias=False)
         self.W_k = nn.Linear(d_model, d_model, bias=False)
         self.W_v = nn.Linear(d_model, d_model, bias=False)
@@ -120,6 +123,7 @@ class _Miras(Mixer):
                 "eta": (self.eta_max * torch.sigmoid(self.W_eta(x))).view(shape)}
 
     def forward(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
+        x, state, conv_cache = conv_inputs(self.conv, x, state)
         B, T, D = x.shape
         H, Dh = self.n_heads, self.head_dim
         q = self.q_norm(self.W_q(x).view(B, T, H, Dh))
@@ -132,7 +136,7 @@ class _Miras(Mixer):
         o, new_state = MIRAS_MODES[self.mode](
             q, k, v, gates.pop("log_alpha"), gates.pop("eta"), rule=self.RULE, initial_state=state,
             chunk_size=self.chunk_size, output_final_state=True, **gates, **self.rule_options())
-        return gated_output(o.to(x.dtype), x, self.out_norm, self.W_g, self.W_o), new_state
+        return gated_output(o.to(x.dtype), x, self.out_norm, self.W_g, self.W_o), with_conv_state(conv_cache, new_state)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, head_dim={self.head_dim}, "
