@@ -236,6 +236,11 @@ def test_a_result_made_under_other_mixer_defaults_is_stale(finished):
         result["mixer_defaults"]["rope_base"] = 500.0  # as if the default had changed since the run
         result_path.write_text(json.dumps(result))
         assert not is_done(run, results)
+        # Recorded before short_conv existed: it ran without the conv, what the default 0 means.
+        result["mixer_defaults"]["rope_base"] = 10000.0
+        del result["mixer_defaults"]["short_conv"]
+        result_path.write_text(json.dumps(result))
+        assert is_done(run, results)
     finally:
         result_path.write_text(original)
 
