@@ -1,7 +1,7 @@
 """The short causal convolution on a mixer's inputs (layers/short_conv.py): the F.conv1d form against
 a loop written from the definition (outputs, carried inputs, gradients), every mixer of the registry
-with the option on keeps the mixer contract, it starts as the identity, checkpoints without it load,
-and the hf cache keeps left padding for the mixers with fixed-size states."""
+with the option on keeps the mixer contract, the conv leaves the other parameters' draws alone,
+checkpoints without it load, and the hf cache keeps left padding for the mixers with fixed-size states."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from gateloop import testing
 from gateloop.hf import GateLoopConfig, GateLoopForCausalLM
 from gateloop.hf.modeling import PADDABLE_MIXERS
-from gateloop.layers import MIXERS
+from gateloop.layers import MIXERS, state_tensors
 from gateloop.layers.short_conv import ShortConv, make_short_conv
 from gateloop.models import LanguageModel, ModelConfig
 
@@ -108,15 +108,22 @@ def test_every_mixer_keeps_the_contract_with_the_conv_on(name, check):
 
 @pytest.mark.parametrize("name", sorted(MIXERS))
 @torch.no_grad()
-def test_at_initialisation_the_conv_changes_nothing(name):
-    """The filter starts as the identity: with the option on, the mixer computes what it computes
-    without it (same seed, the conv's parameter drawn without random numbers)."""
+def test_the_conv_is_built_last_and_its_state_wraps_the_mixers(name):
+    """With the option on, the mixer's other parameters are drawn as without it (same seed), so a
+    comparison with and without the conv starts from the same weights; Yaad's W_delta, built after
+    the family's parameters, is the one exception. The state is {"conv": the last W - 1 inputs,
+    "mixer": the mixer's own state}."""
     off, x = testing.build(MIXERS[name], MIXERS[name].test_options[0])
     on, _ = testing.build(MIXERS[name], CONV_CASES[name])
-    testing.assert_close_rms(on(x)[0], off(x)[0], what="output with the conv at init")
+    weights_off, weights_on = off.state_dict(), on.state_dict()
+    assert set(weights_on) - set(weights_off) == {"conv.weight"}
+    for key, w in weights_off.items():
+        if not (name == "yaad" and key.startswith("W_delta.")):
+            assert torch.equal(weights_on[key], w), key
     state = on(x)[1]
-    assert set(state) == {"conv", "mixer"} and state["conv"].shape == (2, WIDTH - 1, testing.D)
-    testing.assert_states_close(state["mixer"], off(x)[1], "the mixer's own state")
+    assert set(state) == {"conv", "mixer"}
+    assert torch.equal(state["conv"], x[:, -(WIDTH - 1):])
+    assert len(state_tensors(state["mixer"])) == len(state_tensors(off(x)[1]))
 
 
 @pytest.mark.parametrize("name", sorted(MIXERS))
@@ -140,9 +147,6 @@ def test_left_padding_still_works_with_the_conv_on(name):
     torch.manual_seed(0)
     cfg = ModelConfig(mixer=name, vocab_size=11, d_model=16, n_layers=2, mixer_options=CONV_CASES[name])
     model = GateLoopForCausalLM(GateLoopConfig.from_model_config(cfg)).double().eval()
-    with torch.no_grad():
-        for block in model.model.blocks:
-            block.mixer.conv.weight.normal_()  # not the identity: the carried inputs must be right
     prompts = [torch.tensor([3, 1, 4, 1, 5, 9]), torch.tensor([2, 6]), torch.tensor([5, 3, 5, 8])]
     ids = torch.zeros(3, 7, dtype=torch.long)
     mask = torch.zeros(3, 7, dtype=torch.long)

@@ -85,7 +85,6 @@ class ForgettingAttention(Mixer):
         self.pruned_fraction: float | None = None
         H = self.n_heads
 
-        self.conv = make_short_conv(d_model, short_conv)
         self.W_q = nn.Linear(d_model, d_model, bias=False)
         self.W_k = nn.Linear(d_model, d_model, bias=False)
         self.W_v = nn.Linear(d_model, d_model, bias=False)
@@ -109,6 +108,7 @@ class ForgettingAttention(Mixer):
             self.register_buffer("log_f_fixed", (-1 / tau).float())
         with torch.no_grad():
             self.W_o.weight.mul_(1 / math.sqrt(2 * n_layers))
+        self.conv = make_short_conv(d_model, short_conv)  # last: the other parameters draw as without it
 
     def compute_log_f(self, x: Tensor) -> Tensor:
         """log f_t: [B, T, H], in float32 (float64 for float64 inputs) even under autocast: gates near

@@ -99,7 +99,6 @@ class GateLoop(Mixer):
         H, Kd = self.n_heads, (head_dim if decay == "channel" else 1)
         self.n_decay = Kd
 
-        self.conv = make_short_conv(d_model, short_conv)
         self.W_q = nn.Linear(d_model, d_model, bias=False)
         self.W_k = nn.Linear(d_model, d_model, bias=False)
         self.W_v = nn.Linear(d_model, d_model, bias=False)
@@ -130,6 +129,7 @@ class GateLoop(Mixer):
         self.reset_transition_parameters()
         with torch.no_grad():
             self.W_o.weight.mul_(1 / math.sqrt(2 * n_layers))
+        self.conv = make_short_conv(d_model, short_conv)  # last: the other parameters draw as without it
 
     def _tag_lr_scale(self) -> None:
         for name in self.transition_names:

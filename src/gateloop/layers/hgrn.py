@@ -127,7 +127,6 @@ class HGRN(Mixer):
         self.use_complex, self.norm_order, self.mode = use_complex, norm_order, mode
         width = 2 * d_model if use_complex else d_model  # [Re h, Im h] or h
         self.forget = ForgetGate(d_model, layer_idx=layer_idx, n_layers=n_layers, lower_bound=lower_bound)
-        self.conv = make_short_conv(d_model, short_conv)
         self.W_c = nn.Linear(d_model, width, bias=False)  # [W_c^re; W_c^im] when complex
         self.W_mu = nn.Linear(d_model, d_model, bias=False)
         self.W_g = nn.Linear(d_model, width, bias=False)
@@ -137,6 +136,7 @@ class HGRN(Mixer):
             self.theta = nn.Parameter(10000 ** (-2 / d_model * torch.arange(d_model, dtype=torch.float32)))
         with torch.no_grad():
             self.W_o.weight.mul_(1 / math.sqrt(2 * n_layers))
+        self.conv = make_short_conv(d_model, short_conv)  # last: the other parameters draw as without it
 
     def lower_bound(self) -> Tensor:
         """gamma: [D], 0 in the first layer."""
@@ -213,7 +213,6 @@ class HGRN2(Mixer):
         self.head_dim, self.n_heads = head_dim, d_model // head_dim
         self.mode, self.chunk_size = mode, chunk_size
         self.forget = ForgetGate(d_model, layer_idx=layer_idx, n_layers=n_layers, lower_bound=lower_bound)
-        self.conv = make_short_conv(d_model, short_conv)
         self.W_f = nn.Linear(d_model, d_model, bias=False)
         self.W_i = nn.Linear(d_model, d_model, bias=False)
         self.W_q = nn.Linear(d_model, d_model, bias=False)  # the paper's output gate o_t
@@ -223,6 +222,7 @@ class HGRN2(Mixer):
         self.W_o = nn.Linear(d_model, d_model, bias=False)
         with torch.no_grad():
             self.W_o.weight.mul_(1 / math.sqrt(2 * n_layers))
+        self.conv = make_short_conv(d_model, short_conv)  # last: the other parameters draw as without it
 
     def lower_bound(self) -> Tensor:
         """gamma: [D], 0 in the first layer."""

@@ -62,7 +62,6 @@ class LSTM(Mixer):
         self.d_model, self.layer_idx, self.n_layers = d_model, layer_idx, n_layers
         self.variant, self.hidden_size, self.forget_bias, self.mode = variant, N, float(forget_bias), mode
         G, P = len(GATES[variant]), len(PEEPHOLES[variant])
-        self.conv = make_short_conv(d_model, short_conv)
         self.W = nn.Linear(d_model, G * N)
         self.R = nn.Parameter(torch.empty(G * N, N))
         self.p = nn.Parameter(torch.empty(P, N)) if P else None
@@ -72,6 +71,7 @@ class LSTM(Mixer):
         if self.W_out is not None:
             with torch.no_grad():
                 self.W_out.weight.mul_(1 / math.sqrt(2 * n_layers))
+        self.conv = make_short_conv(d_model, short_conv)  # last: the other parameters draw as without it
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

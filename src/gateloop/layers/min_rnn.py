@@ -38,13 +38,13 @@ class _MinRNN(Mixer):
         self.d_model, self.layer_idx, self.n_layers = d_model, layer_idx, n_layers
         self.d_inner = round(expansion * d_model)
         self.mode, self.use_g, self.chunk_size = mode, use_g, chunk_size
-        self.conv = make_short_conv(d_model, short_conv)
         for name in self.GATES:
             setattr(self, name, nn.Linear(d_model, self.d_inner, bias=bias))
         self.W_h = nn.Linear(d_model, self.d_inner, bias=bias)
         self.W_o = nn.Linear(self.d_inner, d_model, bias=False)
         with torch.no_grad():
             self.W_o.weight.mul_(1 / math.sqrt(2 * n_layers))  # GPT-2's residual scaling, as in GateLoop
+        self.conv = make_short_conv(d_model, short_conv)  # last: the other parameters draw as without it
 
     def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x: [B, T, d_model], state: [B, d_inner] or None -> (y: [B, T, d_model], state [B, d_inner])."""

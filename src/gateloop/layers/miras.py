@@ -89,7 +89,6 @@ class _Miras(Mixer):
         self.d_model, self.layer_idx, self.n_layers = d_model, layer_idx, n_layers
         self.head_dim, self.n_heads, self.hidden = head_dim, d_model // head_dim, max(1, round(expansion * head_dim))
         self.chunk_size, self.eta_max, self.mode = chunk_size, eta_max, mode
-        self.conv = make_short_conv(d_model, short_conv)
         self.W_q = nn.Linear(d_model, d_model, bias=False)
         self.W_k = nn.Linear(d_model, d_model, bias=False)
         self.W_v = nn.Linear(d_model, d_model, bias=False)
@@ -105,6 +104,7 @@ class _Miras(Mixer):
         self.w1_init = nn.Parameter(torch.randn(H, Dh, Fh) / math.sqrt(Dh))
         self.w2_init = nn.Parameter(torch.randn(H, Fh, Dh) / math.sqrt(Fh))
         self.init_memory()
+        self.conv = make_short_conv(d_model, short_conv)  # last: the other parameters draw as without it
 
     def init_memory(self) -> None:
         """Turn w1_init / w2_init (drawn as weights W) into the rule's accumulators."""

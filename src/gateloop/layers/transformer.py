@@ -39,13 +39,13 @@ class Attention(Mixer):
             raise ValueError(f"rope_base must be > 1, got {rope_base}")
         self.d_model, self.layer_idx, self.n_layers = d_model, layer_idx, n_layers
         self.head_dim, self.n_heads, self.rope_base = head_dim, d_model // head_dim, rope_base
-        self.conv = make_short_conv(d_model, short_conv)
         self.W_q = nn.Linear(d_model, d_model, bias=False)
         self.W_k = nn.Linear(d_model, d_model, bias=False)
         self.W_v = nn.Linear(d_model, d_model, bias=False)
         self.W_o = nn.Linear(d_model, d_model, bias=False)
         with torch.no_grad():
             self.W_o.weight.mul_(1 / math.sqrt(2 * n_layers))
+        self.conv = make_short_conv(d_model, short_conv)  # last: the other parameters draw as without it
 
     def forward(self, x: Tensor, state: KVCache | None = None) -> tuple[Tensor, KVCache]:
         x, state, conv_cache = conv_inputs(self.conv, x, state)
