@@ -248,3 +248,25 @@ def test_every_shipped_grid_file_loads(path):
     """Each grid in configs/grids/ parses, and every run's overrides make a valid config."""
     grid = load_grid(path, results_root=path.parents[2] / "results")
     assert grid.name == path.stem and grid.runs
+
+
+def test_a_result_recorded_before_short_conv_existed_stays_current(tmp_path):
+    """Its mixer_defaults lack the key: the run had no conv, which is what the default 0 means."""
+    from gateloop.grid import is_done, mixer_defaults
+
+    path = tmp_path / "g.toml"
+    path.write_text('name = "g"\nseeds = [0]\n[tasks.mqar]\n[[cells]]\nname = "hgrn"\nmixer = "hgrn"\n')
+    run = load_grid(path).runs[0]
+    results = tmp_path / "results"
+    defaults = mixer_defaults("hgrn")
+    assert defaults["short_conv"] == 0
+
+    def record(recorded_defaults):
+        result = run.result_path(results)
+        result.parent.mkdir(parents=True, exist_ok=True)
+        result.write_text(json.dumps({"mixer": "hgrn", "sets": list(run.sets), "mixer_defaults": recorded_defaults}))
+
+    record({k: v for k, v in defaults.items() if k != "short_conv"})
+    assert is_done(run, results)
+    record({**defaults, "short_conv": 4})  # made when the default was another width: stale
+    assert not is_done(run, results)

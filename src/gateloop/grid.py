@@ -274,6 +274,9 @@ def mixer_defaults(mixer: str) -> dict[str, Any]:
 # Options that choose how a mixer computes, not what: its modes are tested to agree to rounding, so
 # a new default mode (a faster path) does not make a result stale.
 HOW_TO_COMPUTE = ("mode", "chunk_size")
+# Options added to every mixer after results were recorded, with the value that means "as before": a
+# result recorded without the key ran without the option, so it stays current while the default is that.
+ADDED_LATER = {"short_conv": 0}
 
 
 def is_done(run: Run, results: Path) -> bool:
@@ -284,6 +287,7 @@ def is_done(run: Run, results: Path) -> bool:
         return False
     current = mixer_defaults(result["mixer"])
     recorded = result.get("mixer_defaults", current)
+    recorded = {**{k: v for k, v in ADDED_LATER.items() if k in current}, **recorded}
     return ({k: v for k, v in recorded.items() if k not in HOW_TO_COMPUTE}
             == {k: v for k, v in current.items() if k not in HOW_TO_COMPUTE})
 

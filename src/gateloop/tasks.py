@@ -48,12 +48,12 @@ class TaskConfig:
     and the sizes of the data sets. A parameter of another task than `name` may not be set."""
 
     name: str = "memory_horizon"  # memory_horizon | mqar | selective_copy
-    seq_len: int | None = None  # memory_horizon 64, mqar 128, selective_copy 64
+    seq_len: int | None = None  # memory_horizon 64, mqar 64, selective_copy 64
     n_numbers: int | None = None  # memory_horizon: N (10)
     max_resets: int | None = None  # memory_horizon: R_max (8)
     n_keys: int | None = None  # mqar (32)
     n_values: int | None = None  # mqar (32)
-    n_pairs: int | None = None  # mqar (16)
+    n_pairs: int | None = None  # mqar (8)
     n_data: int | None = None  # selective_copy: data tokens to copy (8)
     n_tokens: int | None = None  # selective_copy: distinct data tokens (8)
     n_train: int = 0  # training sequences; 0: steps * batch_size (every batch fresh)

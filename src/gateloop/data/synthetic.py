@@ -56,7 +56,7 @@ def memory_horizon(n: int, seq_len: int = 64, *, n_numbers: int = 10, max_resets
     return inputs, (total - base) % n_numbers
 
 
-def mqar(n: int, seq_len: int = 128, *, n_keys: int = 32, n_values: int = 32, n_pairs: int = 16,
+def mqar(n: int, seq_len: int = 64, *, n_keys: int = 32, n_values: int = 32, n_pairs: int = 8,
          seed: int = 0) -> tuple[Tensor, Tensor]:
     """Multi-query associative recall: key-value pairs, then each key queried once, later.
 

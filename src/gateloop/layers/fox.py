@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..ops.forgetting_attn import cumulative_log_f, forgetting_attention, forgetting_attention_naive
 from .base import Mixer, register_mixer
 from .common import RMSNorm, gated_output
+from .short_conv import conv_inputs, make_short_conv, with_conv_state
 
 FORGET_GATES = ("full", "bias", "fixed", "none")
 FoXCache = dict[str, Tensor]  # the KV cache of the positions seen so far (see ForgettingAttention)
@@ -50,6 +51,7 @@ class ForgettingAttention(Mixer):
         pruned call, `pruned_fraction` holds the share of causal tiles it skipped (None otherwise);
         training logs their mean over the layers as acp_pruned_fraction.
       block_size: the op's tile size.
+      short_conv: the width of a causal convolution on the inputs (layers/short_conv.py); 0 (default): none.
 
     forward(x: [B, T, d_model], state or None) -> (y: [B, T, d_model], state). The state is a dict:
     "k", "v" [B, S, H, Dh] (the KV cache: shifted, normed keys, shifted values), "c" [B, S, H] the
@@ -65,7 +67,7 @@ class ForgettingAttention(Mixer):
                  forget_gate: str = "full", qk_norm: bool = True, shift: bool = True,
                  output_gate: bool = True, output_norm: bool = True,
                  log_pruning_tolerance: float | None = None, block_size: int = 64,
-                 decay_time_min: float = 2.0, decay_time_max: float = 256.0):
+                 decay_time_min: float = 2.0, decay_time_max: float = 256.0, short_conv: int = 0):
         super().__init__()
         if head_dim < 1 or d_model % head_dim:
             raise ValueError(f"d_model ({d_model}) must be a positive multiple of head_dim ({head_dim})")
@@ -106,6 +108,7 @@ class ForgettingAttention(Mixer):
             self.register_buffer("log_f_fixed", (-1 / tau).float())
         with torch.no_grad():
             self.W_o.weight.mul_(1 / math.sqrt(2 * n_layers))
+        self.conv = make_short_conv(d_model, short_conv)  # last: the other parameters draw as without it
 
     def compute_log_f(self, x: Tensor) -> Tensor:
         """log f_t: [B, T, H], in float32 (float64 for float64 inputs) even under autocast: gates near
@@ -131,6 +134,7 @@ class ForgettingAttention(Mixer):
         return alpha * before + (1 - alpha) * cur
 
     def forward(self, x: Tensor, state: FoXCache | None = None) -> tuple[Tensor, FoXCache]:
+        x, state, conv_cache = conv_inputs(self.conv, x, state)
         B, T, D = x.shape
         H, Dh = self.n_heads, self.head_dim
         q, k, v = (W(x).view(B, T, H, Dh) for W in (self.W_q, self.W_k, self.W_v))  # [B, T, H, Dh]
@@ -158,7 +162,8 @@ class ForgettingAttention(Mixer):
         else:
             o = forgetting_attention(q, k, v, log_f, c_past=c_past, block_size=self.block_size)
         new_state.update(k=k, v=v, c=cumulative_log_f(log_f, c_past))
-        return gated_output(o, x, self.out_norm, self.W_g, self.W_o, gate=torch.sigmoid), new_state
+        y = gated_output(o, x, self.out_norm, self.W_g, self.W_o, gate=torch.sigmoid)
+        return y, with_conv_state(conv_cache, new_state)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, head_dim={self.head_dim}, "

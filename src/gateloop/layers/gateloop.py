@@ -13,6 +13,7 @@ from ..ops import GATELOOP_MODES, gateloop_chunk
 from ..ops.gateloop_fused import fused_scan_available
 from .base import Mixer, register_mixer
 from .common import RMSNorm, gated_output
+from .short_conv import conv_inputs, make_short_conv, with_conv_state
 
 DECAYS = ("channel", "head")
 TRANSITIONS = ("data", "fixed", "none")
@@ -74,6 +75,7 @@ class GateLoop(Mixer):
         trained better, on the language model and on memory_horizon, for head_dim 1 and 16
         (configs/grids/gateloop_defaults.toml, docs/leaderboard.md).
       chunk_size: passed to the chunk op (None: its default); ignored by the other modes.
+      short_conv: the width of a causal convolution on the inputs (layers/short_conv.py); 0 (default): none.
 
     Initialisation (the paper gives none): long memory at the start. The magnitudes
     r = sigma(b_alpha) are spread over [r_min, r_max] = [0.9, 0.999] with -log r log-uniform (LRU's
@@ -94,7 +96,7 @@ class GateLoop(Mixer):
                  decay: str = "channel", use_complex: bool = True, transition: str = "data",
                  mode: str | None = None, output_gate: bool = True, norm: bool = True,
                  transition_lr_scale: float = 1.0, chunk_size: int | None = None,
-                 r_min: float = 0.9, r_max: float = 0.999, max_phase: float = math.pi / 10):
+                 r_min: float = 0.9, r_max: float = 0.999, max_phase: float = math.pi / 10, short_conv: int = 0):
         super().__init__()
         if mode is not None and mode not in GATELOOP_MODES:
             raise ValueError(f"mode must be one of {sorted(GATELOOP_MODES)}, got {mode!r}")
@@ -152,6 +154,7 @@ class GateLoop(Mixer):
         self.reset_transition_parameters()
         with torch.no_grad():
             self.W_o.weight.mul_(1 / math.sqrt(2 * n_layers))
+        self.conv = make_short_conv(d_model, short_conv)  # last: the other parameters draw as without it
 
     def _tag_lr_scale(self) -> None:
         for name in self.transition_names:
@@ -215,6 +218,7 @@ class GateLoop(Mixer):
 
     def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x: [B, T, D], state: [B, H, K, V] or None -> (y: [B, T, D], new state [B, H, K, V])."""
+        x, state, conv_cache = conv_inputs(self.conv, x, state)
         B, T, D = x.shape
         H, K = self.n_heads, self.head_dim
         q = self.W_q(x).view(B, T, H, K) * K ** -0.5  # [B, T, H, K]
@@ -229,7 +233,7 @@ class GateLoop(Mixer):
         with torch.autocast(x.device.type, enabled=False):
             y, new_state = op(q, k, v, log_a, initial_state=state, output_final_state=True, **extra)
         y = y.reshape(B, T, D // self.norm_size, self.norm_size)
-        return gated_output(y, x, self.norm, self.W_g, self.W_o), new_state
+        return gated_output(y, x, self.norm, self.W_g, self.W_o), with_conv_state(conv_cache, new_state)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, head_dim={self.head_dim}, "

@@ -14,6 +14,7 @@ from ..ops.gateloop import gateloop_chunk, gateloop_recurrent
 from ..ops.hgrn import HGRN_MODES
 from .base import Mixer, register_mixer
 from .common import RMSNorm, gated_output
+from .short_conv import conv_inputs, make_short_conv, with_conv_state
 
 LOWER_BOUNDS = ("fixed", "learned", "none")
 NORM_ORDERS = ("gate_then_norm", "norm_then_gate")
@@ -103,6 +104,7 @@ class HGRN(Mixer):
         one to train on CPU: benchmarks/bench_train.py), "scan" (the O(T log T) associative scan) or
         "recurrent" (the loop, the reference); same outputs, states and gradients. One-token calls
         always use the loop.
+      short_conv: the width of a causal convolution on the inputs (layers/short_conv.py); 0 (default): none.
 
     Initialisation: theta_j = 10000^(-2 j / D), as in the authors' code (periods from 2 pi up to
     ~1e9 steps); W_o is scaled by 1 / sqrt(2 n_layers), GPT-2 style. No biases (fla has none).
@@ -114,7 +116,8 @@ class HGRN(Mixer):
     test_options = [{}, {"use_complex": False, "norm_order": "norm_then_gate"}]
 
     def __init__(self, d_model: int, *, layer_idx: int = 0, n_layers: int = 1, use_complex: bool = True,
-                 norm_order: str = "gate_then_norm", lower_bound: str = "fixed", mode: str = "blocked"):
+                 norm_order: str = "gate_then_norm", lower_bound: str = "fixed", mode: str = "blocked",
+                 short_conv: int = 0):
         super().__init__()
         if norm_order not in NORM_ORDERS:
             raise ValueError(f"norm_order must be one of {NORM_ORDERS}, got {norm_order!r}")
@@ -133,6 +136,7 @@ class HGRN(Mixer):
             self.theta = nn.Parameter(10000 ** (-2 / d_model * torch.arange(d_model, dtype=torch.float32)))
         with torch.no_grad():
             self.W_o.weight.mul_(1 / math.sqrt(2 * n_layers))
+        self.conv = make_short_conv(d_model, short_conv)  # last: the other parameters draw as without it
 
     def lower_bound(self) -> Tensor:
         """gamma: [D], 0 in the first layer."""
@@ -140,6 +144,7 @@ class HGRN(Mixer):
 
     def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x: [B, T, D], state: [B, D] or None -> (y: [B, T, D], new state [B, D])."""
+        x, state, conv_cache = conv_inputs(self.conv, x, state)
         D = self.d_model
         dtype = _compute_dtype(x, self.W_mu.weight)
         c = F.silu(self.W_c(x)).to(dtype)  # [B, T, D | 2D]
@@ -157,7 +162,7 @@ class HGRN(Mixer):
         h = h.to(x.dtype)
         g = F.silu(self.W_g(x))
         y = self.norm(g * h) if self.norm_order == "gate_then_norm" else self.norm(h) * g
-        return self.W_o(y), new_state
+        return self.W_o(y), with_conv_state(conv_cache, new_state)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, use_complex={self.use_complex}, norm_order={self.norm_order!r}, "
@@ -184,6 +189,7 @@ class HGRN2(Mixer):
       output_gate: add HGRN's silu(W_g x) gate after the norm. Off by default, as in the authors'
         code and fla, where o_t is the only output gate.
       chunk_size: passed to the chunk op (None: its default).
+      short_conv: the width of a causal convolution on the inputs (layers/short_conv.py); 0 (default): none.
     Activations follow the authors' code (silu input, sigmoid output gate); the norm is per head
     (weight shared by the heads), or over all D channels when head_dim = 1.
 
@@ -194,7 +200,7 @@ class HGRN2(Mixer):
 
     def __init__(self, d_model: int, *, layer_idx: int = 0, n_layers: int = 1, head_dim: int = 64,
                  lower_bound: str = "fixed", mode: str = "chunk", output_gate: bool = False,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, short_conv: int = 0):
         super().__init__()
         if head_dim < 1 or d_model % head_dim:
             raise ValueError(f"d_model ({d_model}) must be a positive multiple of head_dim ({head_dim}); "
@@ -216,6 +222,7 @@ class HGRN2(Mixer):
         self.W_o = nn.Linear(d_model, d_model, bias=False)
         with torch.no_grad():
             self.W_o.weight.mul_(1 / math.sqrt(2 * n_layers))
+        self.conv = make_short_conv(d_model, short_conv)  # last: the other parameters draw as without it
 
     def lower_bound(self) -> Tensor:
         """gamma: [D], 0 in the first layer."""
@@ -223,6 +230,7 @@ class HGRN2(Mixer):
 
     def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x: [B, T, D], state: [B, H, K, V] or None -> (y: [B, T, D], new state [B, H, K, V])."""
+        x, state, conv_cache = conv_inputs(self.conv, x, state)
         B, T, D = x.shape
         H, K = self.n_heads, self.head_dim
         q = torch.sigmoid(self.W_q(x)).view(B, T, H, K)
@@ -237,7 +245,7 @@ class HGRN2(Mixer):
             y, new_state = op(q, torch.exp(log_1m_f), v, log_f, initial_state=state,
                               output_final_state=True, **extra)  # y: [B, T, H, V]
         y = y.reshape(B, T, D // self.norm_size, self.norm_size)
-        return gated_output(y, x, self.norm, self.W_g, self.W_o), new_state
+        return gated_output(y, x, self.norm, self.W_g, self.W_o), with_conv_state(conv_cache, new_state)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, head_dim={self.head_dim}, "

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..ops.lstm import GATES, LSTM_MODES, PEEPHOLES, VARIANTS, LSTMState
 from .base import Mixer, register_mixer
+from .short_conv import conv_inputs, make_short_conv, with_conv_state
 
 
 @register_mixer("lstm")
@@ -31,6 +32,7 @@ class LSTM(Mixer):
       forget_bias: added to the forget gate's bias at init, so the cells start by remembering
         (Gers et al. 2000). CIFG, whose f = 1 - i, subtracts it from the input gate's bias instead, which
         starts f at the same value; NFG has no forget gate to bias.
+      short_conv: the width of a causal convolution on the inputs (layers/short_conv.py); 0 (default): none.
 
     Initialisation follows torch.nn.LSTM: every weight, bias and peephole U(-1/sqrt(N), 1/sqrt(N));
     R_gates U(-1/sqrt(3N), 1/sqrt(3N)) (its fan-in is 3N). W_out is nn.Linear's default scaled by
@@ -45,7 +47,8 @@ class LSTM(Mixer):
                     {"variant": "NP", "hidden_size": 24}]
 
     def __init__(self, d_model: int, *, layer_idx: int = 0, n_layers: int = 1, variant: str = "vanilla",
-                 hidden_size: int | None = None, forget_bias: float = 1.0, mode: str = "bptt"):
+                 hidden_size: int | None = None, forget_bias: float = 1.0, mode: str = "bptt",
+                 short_conv: int = 0):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -68,6 +71,7 @@ class LSTM(Mixer):
         if self.W_out is not None:
             with torch.no_grad():
                 self.W_out.weight.mul_(1 / math.sqrt(2 * n_layers))
+        self.conv = make_short_conv(d_model, short_conv)  # last: the other parameters draw as without it
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -86,13 +90,14 @@ class LSTM(Mixer):
 
     def forward(self, x: Tensor, state: LSTMState | None = None) -> tuple[Tensor, LSTMState]:
         """x: [B, T, d_model], state: (y, c[, gates]) or None -> (y: [B, T, d_model], new state)."""
+        x, state, conv_cache = conv_inputs(self.conv, x, state)
         x_proj = self.W(x)  # [B, T, G N]: the only part computed for all steps at once
         # The op accumulates in float32 itself; autocast would push the step matmuls back to bfloat16.
         with torch.autocast(x.device.type, enabled=False):
             lstm = LSTM_MODES[self.mode]
             y, new_state = lstm(x_proj, self.R, self.p, R_gates=self.R_gates, variant=self.variant,
                                 initial_state=state, output_final_state=True)
-        return (y if self.W_out is None else self.W_out(y)), new_state
+        return (y if self.W_out is None else self.W_out(y)), with_conv_state(conv_cache, new_state)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, hidden_size={self.hidden_size}, variant={self.variant!r}, "

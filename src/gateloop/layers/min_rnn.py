@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..ops.min_rnn import MINGRU_MODES, MINLSTM_MODES
 from .base import Mixer, register_mixer
+from .short_conv import conv_inputs, make_short_conv, with_conv_state
 
 
 class _MinRNN(Mixer):
@@ -24,7 +25,8 @@ class _MinRNN(Mixer):
     MODES: dict = {}
 
     def __init__(self, d_model: int, *, layer_idx: int = 0, n_layers: int = 1, expansion: float = 1.0,
-                 mode: str = "blocked", use_g: bool = True, chunk_size: int | None = 32, bias: bool = True):
+                 mode: str = "blocked", use_g: bool = True, chunk_size: int | None = 32, bias: bool = True,
+                 short_conv: int = 0):
         super().__init__()
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {sorted(self.MODES)}, got {mode!r}")
@@ -42,9 +44,11 @@ class _MinRNN(Mixer):
         self.W_o = nn.Linear(self.d_inner, d_model, bias=False)
         with torch.no_grad():
             self.W_o.weight.mul_(1 / math.sqrt(2 * n_layers))  # GPT-2's residual scaling, as in GateLoop
+        self.conv = make_short_conv(d_model, short_conv)  # last: the other parameters draw as without it
 
     def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x: [B, T, d_model], state: [B, d_inner] or None -> (y: [B, T, d_model], state [B, d_inner])."""
+        x, state, conv_cache = conv_inputs(self.conv, x, state)
         logits = [getattr(self, name)(x) for name in self.GATES]  # each [B, T, d_inner]
         h_tilde_pre = self.W_h(x)
         # One token (generation): the loop is the same maths with the least work.
@@ -54,7 +58,7 @@ class _MinRNN(Mixer):
         with torch.autocast(x.device.type, enabled=False):
             h, new_state = self.MODES[mode](*logits, h_tilde_pre, initial_state=state,
                                             output_final_state=True, use_g=self.use_g, **extra)
-        return self.W_o(h), new_state
+        return self.W_o(h), with_conv_state(conv_cache, new_state)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, mode={self.mode!r}, use_g={self.use_g}, "
@@ -75,6 +79,7 @@ class MinGRU(_MinRNN):
       chunk_size: steps per chunk of the log-space scan (None: one chunk, the paper's exact form); see
         ops/min_rnn.py for why chunks keep float32 accurate.
       bias: biases on the gate and candidate projections (the paper's listings use nn.Linear's).
+      short_conv: the width of a causal convolution on the inputs (layers/short_conv.py); 0 (default): none.
 
     Initialisation: PyTorch's default for every projection (the paper gives none), W_o scaled by
     1 / sqrt(2 n_layers). Parameters: 2 d_model d_inner (+ 2 d_inner biases) + d_inner d_model.

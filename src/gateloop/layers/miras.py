@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ..ops.miras import MIRAS_MODES, MemoryState
 from .base import Mixer, register_mixer
 from .common import RMSNorm, gated_output
+from .short_conv import conv_inputs, make_short_conv, with_conv_state
 
 # The memory's retention times 1 / (1 - alpha) at init, log-uniform over each head's channels (as FoX's
 # decay times): fast channels give the reads a recency the slow ones lack. Equal bounds: one time.
@@ -59,7 +60,9 @@ class _Miras(Mixer):
     output_gate, mode ("chunk", the training form, or
     "recurrent", the reference loop: same outputs, states and gradients, far slower),
     retention_time_min / retention_time_max (the retention times 1 / (1 - alpha) at init, log-uniform
-    over each head's channels: 2 to 256 tokens; until 2026-12 every channel started at ~150).
+    over each head's channels: 2 to 256 tokens; until 2026-12 every channel started at ~150),
+    short_conv (the width of a causal convolution on the inputs, layers/short_conv.py; 0, the
+    default: none).
 
     forward(x: [B, T, d_model], state or None) -> (y: [B, T, d_model], state). The state is the op's
     dict: "w1" [B, H, Dh, F], "w2" [B, H, F, Dh] (the accumulators at the last chunk boundary),
@@ -73,7 +76,7 @@ class _Miras(Mixer):
     def __init__(self, d_model: int, *, layer_idx: int = 0, n_layers: int = 1, head_dim: int | None = None,
                  expansion: float = 4.0, chunk_size: int = 16, gate_rank: int = 16, eta_max: float | None = None,
                  output_gate: bool = True, mode: str = "chunk", retention_time_min: float = RETENTION_TIME_MIN,
-                 retention_time_max: float = RETENTION_TIME_MAX):
+                 retention_time_max: float = RETENTION_TIME_MAX, short_conv: int = 0):
         super().__init__()
         head_dim = math.gcd(d_model, 64) if head_dim is None else head_dim
         if head_dim < 1 or d_model % head_dim:
@@ -114,6 +117,7 @@ class _Miras(Mixer):
         self.w1_init = nn.Parameter(torch.randn(H, Dh, Fh) / math.sqrt(Dh))
         self.w2_init = nn.Parameter(torch.randn(H, Fh, Dh) / math.sqrt(Fh))
         self.init_memory()
+        self.conv = make_short_conv(d_model, short_conv)  # last: the other parameters draw as without it
 
     def init_memory(self) -> None:
         """Turn w1_init / w2_init (drawn as weights W) into the rule's accumulators."""
@@ -132,6 +136,7 @@ class _Miras(Mixer):
                 "eta": (self.eta_max * torch.sigmoid(self.W_eta(x))).view(shape)}
 
     def forward(self, x: Tensor, state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
+        x, state, conv_cache = conv_inputs(self.conv, x, state)
         B, T, D = x.shape
         H, Dh = self.n_heads, self.head_dim
         q = self.q_norm(self.W_q(x).view(B, T, H, Dh))
@@ -144,7 +149,7 @@ class _Miras(Mixer):
         o, new_state = MIRAS_MODES[self.mode](
             q, k, v, gates.pop("log_alpha"), gates.pop("eta"), rule=self.RULE, initial_state=state,
             chunk_size=self.chunk_size, output_final_state=True, **gates, **self.rule_options())
-        return gated_output(o.to(x.dtype), x, self.out_norm, self.W_g, self.W_o), new_state
+        return gated_output(o.to(x.dtype), x, self.out_norm, self.W_g, self.W_o), with_conv_state(conv_cache, new_state)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, head_dim={self.head_dim}, "

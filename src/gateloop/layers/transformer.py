@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..ops.attention import apply_rope, rope_cos_sin
 from .base import Mixer, register_mixer
+from .short_conv import conv_inputs, make_short_conv, with_conv_state
 
 KVCache = tuple[Tensor, Tensor]
 
@@ -21,7 +22,8 @@ class Attention(Mixer):
     H = d_model / head_dim heads; scaled_dot_product_attention with the default 1/sqrt(head_dim).
     The state is the KV cache (k, v), each [B, H, S, head_dim], keys stored already rotated; its
     length S is the position of the next token, so a continuation chunk gets positions S .. S + T - 1.
-    W_o is scaled by 1 / sqrt(2 n_layers) at init, as in GPT-2.
+    W_o is scaled by 1 / sqrt(2 n_layers) at init, as in GPT-2. Option short_conv: the width of a causal
+    convolution on the inputs (layers/short_conv.py); 0 (default): none.
 
     forward(x: [B, T, d_model], state: KVCache or None) -> (y: [B, T, d_model], KVCache of length S + T).
     """
@@ -29,7 +31,7 @@ class Attention(Mixer):
     test_options = [{"head_dim": 8}]
 
     def __init__(self, d_model: int, *, layer_idx: int = 0, n_layers: int = 1, head_dim: int = 64,
-                 rope_base: float = 10000.0):
+                 rope_base: float = 10000.0, short_conv: int = 0):
         super().__init__()
         if head_dim < 2 or head_dim % 2 or d_model % head_dim:
             raise ValueError(f"head_dim ({head_dim}) must be even and divide d_model ({d_model})")
@@ -43,8 +45,10 @@ class Attention(Mixer):
         self.W_o = nn.Linear(d_model, d_model, bias=False)
         with torch.no_grad():
             self.W_o.weight.mul_(1 / math.sqrt(2 * n_layers))
+        self.conv = make_short_conv(d_model, short_conv)  # last: the other parameters draw as without it
 
     def forward(self, x: Tensor, state: KVCache | None = None) -> tuple[Tensor, KVCache]:
+        x, state, conv_cache = conv_inputs(self.conv, x, state)
         B, T, D = x.shape
         H, Dh = self.n_heads, self.head_dim
         S = 0 if state is None else state[0].shape[2]
@@ -66,7 +70,7 @@ class Attention(Mixer):
             mask = torch.ones(T, S + T, dtype=torch.bool, device=x.device).tril(diagonal=S)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = self.W_o(o.transpose(1, 2).reshape(B, T, D))
-        return y, (k, v)
+        return y, with_conv_state(conv_cache, (k, v))
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_heads={self.n_heads}, head_dim={self.head_dim}, rope_base={self.rope_base}"
