@@ -180,3 +180,18 @@ def test_a_kernel_that_cannot_build_falls_back_with_one_warning(monkeypatch, tmp
         assert_close_rms(S, S_ref, torch.float64)
     finally:
         fused._kernel.cache_clear()  # the next caller builds (or loads) the real kernel again
+
+
+@needs_kernel
+def test_a_built_kernel_is_imported_without_a_build_step(monkeypatch):
+    """Once built, the library is imported from the cache directly: torch's build step (and its lock,
+    which a process killed mid-build would leave held) is not entered again."""
+    import torch.utils.cpp_extension as cpp
+
+    assert fused.fused_scan_available(torch.zeros(1))
+    monkeypatch.setattr(cpp, "load", lambda *a, **k: pytest.fail("the build step ran for a cached kernel"))
+    fused._kernel.cache_clear()
+    try:
+        assert fused.fused_scan_available(torch.zeros(1))
+    finally:
+        fused._kernel.cache_clear()

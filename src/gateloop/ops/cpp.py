@@ -9,9 +9,12 @@ kernel with. GATELOOP_FUSED=0 in the environment switches every kernel off.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -52,17 +55,35 @@ def build(name: str, source: Path, what: str, native: bool = False) -> ModuleTyp
         from torch.utils.cpp_extension import load
 
         where = build_directory(source, native)
-        where.mkdir(parents=True, exist_ok=True)
-        if not (where / f"{name}.so").exists():
-            print(f"gateloop: compiling the fused CPU {what} into {where} (once, about 30 s)", file=sys.stderr,
-                  flush=True)
+        so = where / f"{name}.so"
+        if so.exists():  # the directory is keyed by everything the build depends on: it is current
+            return _import(name, so)
+        # Build in a private directory, then move the library into place in one rename: a process
+        # killed mid-build (a SIGKILLed grid job) leaves no half-written library and no held lock
+        # (torch's build lock would make every later process wait for it forever).
+        where.parent.mkdir(parents=True, exist_ok=True)
+        print(f"gateloop: compiling the fused CPU {what} into {where} (once, about 30 s)", file=sys.stderr,
+              flush=True)
+        scratch = Path(tempfile.mkdtemp(prefix=where.name + ".build-", dir=where.parent))
         flags = ["-O3"] + (["-march=native"] if native else [])
-        return load(name, [str(source)], extra_cflags=flags, build_directory=str(where), verbose=False)
+        module = load(name, [str(source)], extra_cflags=flags, build_directory=str(scratch), verbose=False)
+        where.mkdir(exist_ok=True)
+        os.replace(scratch / f"{name}.so", so)
+        shutil.rmtree(scratch, ignore_errors=True)
+        return module
     except Exception as e:  # noqa: BLE001  no compiler, no ninja, a read-only cache: use PyTorch
         reason = next(iter(str(e).strip().splitlines()), type(e).__name__)[:200]
         warnings.warn(f"gateloop: the fused CPU {what} could not be built ({reason}); using the PyTorch "
                       "path (set GATELOOP_FUSED=0 to skip the attempt)", RuntimeWarning, stacklevel=4)
         return None
+
+
+def _import(name: str, so: Path) -> ModuleType:
+    """The extension module in the library so, imported directly (no build step, no lock)."""
+    spec = importlib.util.spec_from_file_location(name, so)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def fused_allowed(x: Tensor) -> bool:
