@@ -16,18 +16,13 @@ import time
 
 import torch
 
+from gateloop.bench import median_time
 from gateloop.layers import MIXERS
 
 
 def cpu_ms(fn, repeat: int) -> float:
     """Median CPU milliseconds of fn() over repeat calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return 1e3 * sorted(times)[repeat // 2]
+    return 1e3 * median_time(fn, repeat=repeat, clock=time.process_time)
 
 
 def main():

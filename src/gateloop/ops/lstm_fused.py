@@ -45,10 +45,14 @@ def variant_spec(gates: str, peepholes: str, cifg: bool, niaf: bool, noaf: bool,
             + [int(cifg), int(niaf), int(noaf), int(fgr)])
 
 
+def contiguous(t: Tensor | None) -> Tensor | None:
+    """t as the kernel reads it (contiguous), or None."""
+    return None if t is None else t.contiguous()
+
+
 def fused_forward(spec: list[int], x_proj: Tensor, R: Tensor, p: Tensor | None, R_gates: Tensor | None,
                   y: Tensor, c: Tensor, *prev: Tensor) -> list[Tensor]:
     """(A [B, T, G, N] every step's gate activations, C, Y [B, T, N], c_T[, FGR's gates at T])."""
-    contiguous = (lambda t: None if t is None else t.contiguous())
     return _kernel().forward(x_proj.contiguous(), R.contiguous(), contiguous(p), contiguous(R_gates),
                              y.contiguous(), c.contiguous(), contiguous(prev[0] if prev else None), spec)
 
@@ -56,6 +60,5 @@ def fused_forward(spec: list[int], x_proj: Tensor, R: Tensor, p: Tensor | None, 
 def fused_backward(spec: list[int], dY: Tensor, dy: Tensor, dc: Tensor, *dprev: Tensor, R: Tensor,
                    p: Tensor | None, R_gates: Tensor | None, A: Tensor, C: Tensor, c0: Tensor) -> list[Tensor]:
     """(dA [B, T, G, N] the pre-activations' gradients, dL/dy_0, dL/dc_0[, FGR's dL/d gates_0])."""
-    contiguous = (lambda t: None if t is None else t.contiguous())
     return _kernel().backward(dY.contiguous(), dy.contiguous(), dc.contiguous(),
                               contiguous(dprev[0] if dprev else None), R, p, R_gates, A, C, c0, spec)
