@@ -34,7 +34,7 @@ STEPS = 24
 TINY = {"model.d_model": 16, "model.n_layers": 1, "train.steps": STEPS, "train.batch_size": 4,
         "train.seq_len": 16, "train.eval_tokens": 128, "train.eval_every": 5, "train.checkpoint_every": 4,
         "train.warmup_steps": 2, "train.log_every": 1, "train.threads": 1}
-TIMING = {}  # how long one whole tiny run ("run_seconds") and one step of it take in a child, measured by `reference`
+TIMING = {}  # how long a tiny run's start-up and one of its steps take in a child, measured by `reference`
 
 
 def argv(corpus, out, **overrides):
@@ -112,12 +112,13 @@ def reference(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
     begin = time.monotonic()
     assert finish(argv(corpus, out, **{"train.checkpoint_every": 1})) == 0
-    TIMING["run_seconds"] = time.monotonic() - begin
-    # A step's time from the run's own log: the whole run's time is mostly start-up (imports), which
-    # made the kills land so late that the run finished before enough of them.
+    run_seconds = time.monotonic() - begin
+    # A step's time from the run's own log, and start-up as the rest: kill windows sized by the whole
+    # run's time reached so far into training that the run finished before enough kills.
     logged = sorted((r["step"], r["seconds"]) for r in ckpt.read_metrics(out) if "train_loss" in r)
     (first, t_first), (last, t_last) = logged[0], logged[-1]
     TIMING["step_seconds"] = (t_last - t_first) / max(last - first, 1)
+    TIMING["startup_seconds"] = max(run_seconds - STEPS * TIMING["step_seconds"], 0.05)
     shutil.rmtree(out)
     assert finish(argv(corpus, out)) == 0
     return out
@@ -182,8 +183,9 @@ def test_many_random_kills(corpus, tmp_path):
 
 def _kill_many(corpus, reference, tmp_path, steps, kills, seed) -> tuple[int, int]:
     """Each round starts the run (fresh, or resuming) and SIGKILLs it: a third of the time at a random
-    moment of its start-up, else at a random moment a few steps after it made progress, where the
-    time goes to writing checkpoints. After each kill the run directory must be sound. Returns the
+    moment of its start-up, else at a random moment within about a step after it made progress, where
+    the time goes to writing checkpoints (so a round gains about two steps at most, and the asked-for
+    kills fit in the run). After each kill the run directory must be sound. Returns the
     number of kills (fewer than asked if the run finished first) and how many cut a file write
     (they leave its temp file behind)."""
     rng = random.Random(seed)
@@ -195,10 +197,10 @@ def _kill_many(corpus, reference, tmp_path, steps, kills, seed) -> tuple[int, in
         done = ckpt.load_trainer_state(run)["step"] if run.exists() else -1
         proc = start(["train", "--resume", str(run), "--no-progress"] if run.exists() else fresh)
         if rng.random() < 1 / 3:
-            time.sleep(rng.uniform(0.0, 0.3 * TIMING["run_seconds"]))
+            time.sleep(rng.uniform(0.0, TIMING["startup_seconds"]))
         else:
             wait_for_step(run, done + 1, proc)
-            time.sleep(rng.uniform(0.0, 3 * step_seconds))
+            time.sleep(rng.uniform(0.0, 1.5 * step_seconds))
         proc.kill()  # SIGKILL, unless it has ended already
         proc.join(60)
         if proc.exitcode == 0:  # it finished before the kill
