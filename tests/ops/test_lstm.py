@@ -194,6 +194,32 @@ def test_each_variants_defining_property():
     assert_close_rms(y, lstm_recurrent(x_proj, R, p)[0])
 
 
+def test_fgr_is_the_papers_nine_matrices():
+    """Greff et al.'s FGR, term by term: the pre-activation of gate k in (i, f, o) gains
+    R_ik i_{t-1} + R_fk f_{t-1} + R_ok o_{t-1} (R_jk: from gate j to gate k, after the sigmoids);
+    the block input z gains nothing. R_gates holds R_jk as its block (row k, column j)."""
+    T = 5
+    x_proj, R, p = rnd(B, T, 4 * N, seed=11), 0.5 * rnd(4 * N, N, seed=12), rnd(3, N, seed=13)
+    nine = {j + k: rnd(N, N, seed=20 + n) for n, (j, k) in enumerate((j, k) for j in "ifo" for k in "ifo")}
+    R_gates = torch.cat([torch.cat([nine[j + k] for j in "ifo"], dim=1) for k in "ifo"], dim=0)
+    y, c, gates = torch.zeros(B, N, dtype=f64), torch.zeros(B, N, dtype=f64), dict.fromkeys("ifo", 0.0)
+    ys = []
+    for t in range(T):
+        a = dict(zip("ifzo", (x_proj[:, t] + y @ R.T).chunk(4, dim=-1)))
+        for k in "ifo":  # the paper's start: no previous gates
+            a[k] = a[k] + sum(gates[j] @ nine[j + k].T for j in "ifo" if t > 0)
+        gates["i"] = torch.sigmoid(a["i"] + p[0] * c)
+        gates["f"] = torch.sigmoid(a["f"] + p[1] * c)
+        c = gates["f"] * c + gates["i"] * torch.tanh(a["z"])
+        gates["o"] = torch.sigmoid(a["o"] + p[2] * c)
+        y = gates["o"] * torch.tanh(c)
+        ys.append(y)
+    for op in LSTM_MODES.values():
+        out, (y_T, c_T, g_T) = op(x_proj, R, p, R_gates=R_gates, variant="FGR", output_final_state=True)
+        assert_close_rms(out, torch.stack(ys, dim=1))
+        assert_close_rms(g_T, torch.cat([gates[k] for k in "ifo"], dim=-1))
+
+
 def test_block_layout():
     """Blocks keep torch.nn.LSTM's order i, f, z, o; a removed gate loses its block and its peephole."""
     removed = {"NIG": "i", "NFG": "f", "NOG": "o", "CIFG": "f"}
