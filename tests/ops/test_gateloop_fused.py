@@ -173,6 +173,7 @@ def test_a_kernel_that_cannot_build_falls_back_with_one_warning(monkeypatch, tmp
     try:
         with pytest.warns(RuntimeWarning, match=r"could not be built \(Error building extension: c\+\+ not found\)"):
             assert not fused.fused_scan_available(torch.zeros(1))
+        assert not [p for p in tmp_path.rglob("*") if p.is_dir() and ".build-" in p.name]  # no scratch left
         (q, k, v, log_a), S0 = inputs(1, 9, 3, complex_=True, init=True)
         o, S = gateloop_scan(q, k, v, log_a, initial_state=S0, output_final_state=True)
         o_ref, S_ref = gateloop_recurrent(q, k, v, log_a, initial_state=S0, output_final_state=True)

@@ -65,12 +65,14 @@ def build(name: str, source: Path, what: str, native: bool = False) -> ModuleTyp
         print(f"gateloop: compiling the fused CPU {what} into {where} (once, about 30 s)", file=sys.stderr,
               flush=True)
         scratch = Path(tempfile.mkdtemp(prefix=where.name + ".build-", dir=where.parent))
-        flags = ["-O3"] + (["-march=native"] if native else [])
-        module = load(name, [str(source)], extra_cflags=flags, build_directory=str(scratch), verbose=False)
-        where.mkdir(exist_ok=True)
-        os.replace(scratch / f"{name}.so", so)
-        shutil.rmtree(scratch, ignore_errors=True)
-        return module
+        try:
+            flags = ["-O3"] + (["-march=native"] if native else [])
+            module = load(name, [str(source)], extra_cflags=flags, build_directory=str(scratch), verbose=False)
+            where.mkdir(exist_ok=True)
+            os.replace(scratch / f"{name}.so", so)
+            return module
+        finally:  # built or failed, the scratch directory goes (a kill leaves it: it is never read)
+            shutil.rmtree(scratch, ignore_errors=True)
     except Exception as e:  # noqa: BLE001  no compiler, no ninja, a read-only cache: use PyTorch
         reason = next(iter(str(e).strip().splitlines()), type(e).__name__)[:200]
         warnings.warn(f"gateloop: the fused CPU {what} could not be built ({reason}); using the PyTorch "
