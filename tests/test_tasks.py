@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,6 +88,16 @@ def test_task_config_sets_the_vocabulary_and_keeps_model_and_train_keys():
                                   "model.mixer=hgrn", "model.mixer_options.use_complex=false", "train.lr=1"])
     assert cfg.model.vocab_size == 31 and cfg.model.mixer == "hgrn" and cfg.train.lr == 1.0
     assert cfg.task.params() == {"n_keys": 20, "n_values": 10, "n_pairs": 4}
+
+
+def test_each_task_has_one_default_learning_rate_for_every_mixer():
+    """MQAR's budget (configs/tasks/mqar.toml) is the plain `gateloop task run mqar`; a set rate wins."""
+    for mixer in ("gateloop", "transformer"):
+        assert load_task_config(None, ["task.name=mqar", f"model.mixer={mixer}"]).train.lr == 1e-3
+        assert load_task_config(None, [f"model.mixer={mixer}"]).train.lr == 3e-3  # memory_horizon
+    budget = Path(__file__).resolve().parent.parent / "configs" / "tasks" / "mqar.toml"
+    assert load_task_config(budget).train == load_task_config(None, ["task.name=mqar"]).train
+    assert load_task_config(None, ["task.name=mqar", "train.lr=3e-3"]).train.lr == 3e-3
 
 
 def test_task_config_from_toml(tmp_path):
