@@ -270,3 +270,35 @@ def test_a_result_recorded_before_short_conv_existed_stays_current(tmp_path):
     assert is_done(run, results)
     record({**defaults, "short_conv": 4})  # made when the default was another width: stale
     assert not is_done(run, results)
+
+
+def test_an_acp_run_keeps_its_pruned_fraction_and_the_report_shows_it(corpus, tmp_path, capsys):
+    """FoX with pruning (as configs/grids/claims_acp.toml): the result holds the mean pruned fraction
+    and the per-step curve; the report adds an "attention pruned" column, 0 for the run without."""
+    path = tmp_path / "acp.toml"
+    path.write_text(f"""
+name = "acp"
+seeds = [0]
+threads = 1
+set = ["model.mixer=fox", "model.d_model=16", "model.n_layers=1", "model.mixer_options.head_dim=8",
+       "model.mixer_options.block_size=8", "train.steps=3", "train.batch_size=2", "train.log_every=1",
+       "train.eval_every=3", "train.warmup_steps=1", "train.seq_len=64", "train.eval_tokens=128",
+       "data.path={corpus}"]
+[tasks.lm]
+[[cells]]
+name = "fox"
+[[cells]]
+name = "fox with ACP"
+options = {{log_pruning_tolerance = -10}}
+""")
+    args = [str(path), "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"), "--no-progress"]
+    assert main(["grid", *args]) == 0
+    exact, pruned = (json.loads((tmp_path / "results" / "lm" / f"{name}-seed0.json").read_text())
+                     for name in ("fox", "fox-with-acp"))
+    assert "acp_pruned_fraction" not in exact
+    steps = [p["acp_pruned_fraction"] for p in pruned["curve"] if "acp_pruned_fraction" in p]
+    assert len(steps) == 3 and pruned["acp_pruned_fraction"] == pytest.approx(statistics.fmean(steps))
+    capsys.readouterr()
+    assert main(["grid", *args, "--report"]) == 0
+    table = capsys.readouterr().out
+    assert "attention pruned" in table and f"{pruned['acp_pruned_fraction']:.3f}" in table and "| 0.000 |" in table

@@ -48,6 +48,7 @@ LM = "lm"
 GRID_KEYS = {"name", "description", "seeds", "threads", "set", "lr", "lr_from", "contexts", "tasks", "cells"}
 CELL_KEYS = {"name", "group", "mixer", "options", "lr", "set", "seeds", "tasks", "vary"}
 TASK_KEYS = {"config", "set"}
+ACP = "acp_pruned_fraction"  # logged by a FoX run with pruning on (train.py); kept in its curve and mean
 POSITION_BINS = 48  # the loss-per-position curve kept in a result: means over log-spaced bins
 
 
@@ -393,9 +394,12 @@ def _collect(run: Run, run_dir: Path, stdout: str, wall: float) -> dict:
             tokens_per_s=statistics.median(speeds) if speeds else None,
             train_seconds=final["seconds"], wall_seconds=round(wall, 1),
             loss_at_position={c: _log_bins(v) for c, v in positions.items()},
-            curve=[{k: r[k] for k in ("step", "seconds", "train_loss", "val_bpb") if k in r}
+            curve=[{k: r[k] for k in ("step", "seconds", "train_loss", "val_bpb", ACP) if k in r}
                    for r in rows if ("train_loss" in r or "val_bpb" in r) and not r.get("final")]
             + [{"step": final["step"], "seconds": final["seconds"], "val_bpb": final["val_bits_per_byte"]}])
+        pruned = [r[ACP] for r in rows if ACP in r]
+        if pruned:  # FoX with Adaptive Computation Pruning: the share of attention tiles skipped
+            result[ACP] = statistics.fmean(pruned)
         tokens_per_step = final["train_tokens"] / max(final["step"], 1)
         for point in result["curve"]:
             point["tokens"] = int(point["step"] * tokens_per_step)

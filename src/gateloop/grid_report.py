@@ -55,17 +55,20 @@ def _lm_table(title: str, groups: dict[str, list[dict]]) -> list[str]:
     contexts = sorted({int(c) for rs in groups.values() for r in rs for c in r["test_bits_per_byte_at"]})
     seq_lens = {r["seq_len"] for rs in groups.values() for r in rs}
     extra = [c for c in contexts if c not in seq_lens]
+    pruning = any("acp_pruned_fraction" in r for rs in groups.values() for r in rs)  # FoX with ACP
     head = ["#", "model", "n", "test bits/byte", "val bits/byte", *(f"test at context {c}" for c in extra),
-            "parameters", "tokens/s", "train time"]
+            *(["attention pruned"] if pruning else []), "parameters", "tokens/s", "train time"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = sorted(groups, key=lambda label: _mean(groups[label], "test_bits_per_byte"))
     for i, label in enumerate(order, 1):
         rs = groups[label]
-        at = [spread([r["test_bits_per_byte_at"][str(c)] for r in rs if str(c) in r["test_bits_per_byte_at"]])
+        columns = [spread([r["test_bits_per_byte_at"][str(c)] for r in rs if str(c) in r["test_bits_per_byte_at"]])
               for c in extra]
+        if pruning:  # the mean share of attention tiles skipped over training; 0 without ACP
+            columns.append(spread([r.get("acp_pruned_fraction", 0.0) for r in rs]))
         params = sorted({r["parameters"] for r in rs})
         lines.append(f"| {i} | {label} | {len(rs)} | {spread([r['test_bits_per_byte'] for r in rs])} | "
-                     f"{spread([r['val_bits_per_byte'] for r in rs])} | " + "".join(f"{a} | " for a in at) +
+                     f"{spread([r['val_bits_per_byte'] for r in rs])} | " + "".join(f"{c} | " for c in columns) +
                      f"{'/'.join(f'{p / 1e6:.3f}M' for p in params)} | {_mean(rs, 'tokens_per_s'):,.0f} | "
                      f"{_mean(rs, 'train_seconds') / 60:.1f} min |")
     # Where a cell was swept (several labels per cell), the value each cell's validation score picks.
