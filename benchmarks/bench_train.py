@@ -1,7 +1,11 @@
 """Training speed of every model of a grid, side by side in one run: forward + backward + AdamW step of
 the language model at the grid's size, tokens/s, the ratio to the Transformer, and the model FLOP
-utilisation (6 x parameters x tokens/s over the float32 GEMM rate measured in the same run; the
-mixers' own sequence FLOPs are not counted, so recurrent and attention mixers are both understated).
+utilisation over the float32 GEMM rate measured in the same run, two ways: `mfu_6nd` counts 6 x
+parameters x tokens (the mixers' own sequence work left out); `mfu_counted` counts every matrix
+product of one step as torch.utils.flop_counter sees it (the attention scores, the chunk op's and the
+recurrences' products, forward and backward), so it includes the mixers' own products. Elementwise
+work (gates, scans) is in neither, and a product inside a C++ kernel (the fused scans and the LSTM
+loop) is not seen by the counter either.
 
     python benchmarks/bench_train.py --threads 1                    # the leaderboard's models
     python benchmarks/bench_train.py --threads 2 --grid configs/grids/lm_board.toml --steps 5
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import median_time, print_table, write_csv  # noqa: E402
@@ -42,8 +47,23 @@ def cells(grid_path: str) -> list[tuple[str, list[str]]]:
     return list(seen.items())
 
 
-def step_time(overrides: list[str], repeat: int) -> tuple[float, int, int]:
-    """Median seconds of one training step, the parameter count and the tokens per step."""
+def _cpu_attention(q, k, v, dropout_p=0.0, is_causal=False, *args, **kwargs) -> int:
+    """SDPA's CPU kernel, which torch's counter has no formula for: the products of the scores and
+    of the weighted values, half of them under a causal mask (the kernel skips the masked blocks)."""
+    return sdpa_flop_count(q, k, v) // (2 if is_causal else 1)
+
+
+def _cpu_attention_backward(grad, q, k, v, out, lse, dropout_p=0.0, is_causal=False, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad, q, k, v) // (2 if is_causal else 1)
+
+
+COUNT = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
+         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward}
+
+
+def step_time(overrides: list[str], repeat: int) -> tuple[float, int, int, int]:
+    """Median seconds of one training step, the parameter count, the tokens per step and the
+    matrix-product FLOPs of one step (forward and backward, as FlopCounterMode counts them)."""
     cfg = load_config(None, overrides)
     torch.manual_seed(0)
     model = build_model(cfg.model)
@@ -58,7 +78,9 @@ def step_time(overrides: list[str], repeat: int) -> tuple[float, int, int]:
         optimizer.zero_grad(set_to_none=True)
 
     seconds = median_time(step, warmup=2, repeat=repeat, budget_s=60.0)
-    return seconds, sum(p.numel() for p in model.parameters()), tc.batch_size * tc.seq_len
+    with FlopCounterMode(display=False, custom_mapping=COUNT) as counter:
+        step()
+    return seconds, sum(p.numel() for p in model.parameters()), tc.batch_size * tc.seq_len, counter.get_total_flops()
 
 
 def main() -> None:
@@ -78,9 +100,11 @@ def main() -> None:
     for name, overrides in cells(args.grid):
         if args.only and name not in args.only:
             continue
-        seconds, params, tokens = step_time(overrides + args.set, args.steps)
+        seconds, params, tokens, flops = step_time(overrides + args.set, args.steps)
+        rate = seconds * gemm * 1e9  # the FLOPs the GEMM rate would do in one step
         rows.append(dict(model=name, parameters=params, step_ms=seconds * 1e3, tokens_per_s=tokens / seconds,
-                         mfu_percent=100 * 6 * params * tokens / seconds / (gemm * 1e9)))
+                         mfu_6nd_percent=100 * 6 * params * tokens / rate, mfu_counted_percent=100 * flops / rate,
+                         counted_gflop=flops / 1e9))
         print(f"{name}: {tokens / seconds:,.0f} tokens/s", file=sys.stderr, flush=True)
     base = next((r["tokens_per_s"] for r in rows if r["model"] == "transformer"), None)
     for r in rows:
