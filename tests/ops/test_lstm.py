@@ -264,14 +264,14 @@ def test_bad_arguments_raise(mode):
                        initial_state=(torch.zeros(B, N, dtype=f64),) * 2)
 
 
-def _op_outputs_and_grads(variant, dtype, T, n, seed=0):
+def _op_outputs_and_grads(variant, dtype, T, n, seed=0, batch=B):
     """lstm_bptt's outputs, final state and every gradient on random inputs with an initial state."""
     g = torch.Generator().manual_seed(seed)
     G, P = len(GATES[variant]), len(PEEPHOLES[variant])
     r = (lambda *s, scale=1.0: (scale * torch.randn(*s, generator=g, dtype=f64)).to(dtype).requires_grad_())
-    leaves = [r(B, T, G * n), r(G * n, n, scale=0.5), r(P, n) if P else None,
+    leaves = [r(batch, T, G * n), r(G * n, n, scale=0.5), r(P, n) if P else None,
               r(3 * n, 3 * n, scale=0.3) if variant == "FGR" else None,
-              r(B, n), r(B, n)] + ([r(B, 3 * n)] if variant == "FGR" else [])
+              r(batch, n), r(batch, n)] + ([r(batch, 3 * n)] if variant == "FGR" else [])
     x, R, p, R_gates, *state = leaves
     y, final = lstm_bptt(x, R, p, R_gates=R_gates, variant=variant, initial_state=tuple(state),
                          output_final_state=True)
@@ -296,6 +296,23 @@ def test_fused_kernel_matches_the_pytorch_loop(variant, dtype, monkeypatch):
     assert len(fused) == len(reference)
     for i, (a, e) in enumerate(zip(fused, reference)):
         assert_close_rms(a, e, dtype, what=f"result {i} (outputs, final state, then gradients)")
+
+
+@pytest.mark.parametrize("batch, n", [(1, 5), (7, 16), (13, 21)])
+@pytest.mark.parametrize("variant", ["vanilla", "FGR"])
+def test_fused_products_match_at_every_block_shape(variant, batch, n, monkeypatch):
+    """The float32 kernel's own per-step products take rows in blocks of 6 and columns in panels of
+    16: batches of 1, 7 (6 + 1) and 13 (6 + 6 + 1), widths with and without a partial panel, forward
+    (R^T, R_gates^T) and backward (R, R_gates)."""
+    from gateloop.ops import lstm_fused
+
+    if not lstm_fused.fused_lstm_available(torch.zeros(1)):
+        pytest.skip("the fused LSTM kernel cannot be built here")
+    fused = _op_outputs_and_grads(variant, torch.float32, T=6, n=n, batch=batch)
+    monkeypatch.setenv("GATELOOP_FUSED", "0")
+    reference = _op_outputs_and_grads(variant, torch.float32, T=6, n=n, batch=batch)
+    for i, (a, e) in enumerate(zip(fused, reference)):
+        assert_close_rms(a, e, torch.float32, what=f"result {i} (outputs, final state, then gradients)")
 
 
 def test_lstm_bptt_takes_the_kernel_unless_switched_off(monkeypatch):

@@ -5,8 +5,10 @@ CPU is the work around each step's small matrix product: in PyTorch a step is a 
 launches on [B, N] slices, forwards and again backwards, each paying the dispatcher and a pass over
 memory. The kernel does each step as one product and one pass over [B, N] that computes every gate,
 the cell and the output (backwards: every pre-activation's gradient and the carried dL/dc), for all
-nine variants. The weight gradients stay in PyTorch (ops/lstm.py: _weight_grads), as a few big
-products after the loop.
+nine variants. In float32 the per-step products are the kernel's own, with the recurrent matrix
+packed once per call: a BLAS call per step repacks it every time, which cost more than the product.
+The weight gradients stay in PyTorch (ops/lstm.py: _weight_grads), as a few big products after the
+loop.
 
 The kernel is compiled on first use (ops/cpp.py). Where it cannot be built, or on other devices, or
 with GATELOOP_FUSED=0, lstm_bptt runs the same loops in PyTorch (ops/lstm.py: _forward_loop and
@@ -61,4 +63,5 @@ def fused_backward(spec: list[int], dY: Tensor, dy: Tensor, dc: Tensor, *dprev: 
                    p: Tensor | None, R_gates: Tensor | None, A: Tensor, C: Tensor, c0: Tensor) -> list[Tensor]:
     """(dA [B, T, G, N] the pre-activations' gradients, dL/dy_0, dL/dc_0[, FGR's dL/d gates_0])."""
     return _kernel().backward(dY.contiguous(), dy.contiguous(), dc.contiguous(),
-                              contiguous(dprev[0] if dprev else None), R, p, R_gates, A, C, c0, spec)
+                              contiguous(dprev[0] if dprev else None), R.contiguous(), contiguous(p),
+                              contiguous(R_gates), A, C, c0, spec)
