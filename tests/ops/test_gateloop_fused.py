@@ -184,6 +184,30 @@ def test_a_kernel_that_cannot_build_falls_back_with_one_warning(monkeypatch, tmp
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_the_kernels_transition_is_torchs_exp(dtype):
+    """a = exp(log_a) in one pass (own exp, cos and sin in float32; libm in float64) against
+    torch.exp of the complex tensor: typical and extreme magnitudes (down to log |a| = -inf, a = 0),
+    angles small, large and beyond the reduction's range (8192), NaN, a conjugated view, and a
+    length that leaves a partial vector of 8."""
+    g = torch.Generator().manual_seed(0)
+    n = 4099
+    m = torch.cat([-torch.rand(n - 9, generator=g, dtype=dtype) * 8,
+                   torch.tensor([0.0, -50.0, -87.5, -120.0, -math.inf, 3.0, -1e-3, -0.5, -0.1], dtype=dtype)])
+    th = torch.cat([torch.randn(n - 9, generator=g, dtype=dtype) * 30,
+                    torch.tensor([0.0, 1e4, -9000.0, 8191.0, math.pi, math.nan, -math.pi / 4, 2e5, 3.0],
+                                 dtype=dtype)])
+    log_a = torch.complex(m, th)
+    for x in (log_a, log_a.conj()):
+        ar, ai = fused._transition(x)
+        expected = torch.exp(x)
+        close = dict(atol=2e-6 * (dtype == torch.float32) + 1e-15, rtol=2e-6 if dtype == torch.float32 else 1e-15)
+        torch.testing.assert_close(ar, expected.real, equal_nan=True, **close)
+        torch.testing.assert_close(ai, expected.imag, equal_nan=True, **close)
+        assert ar[-5].item() == 0.0 and ai[-5].item() == 0.0  # log |a| = -inf: a = 0 exactly
+
+
+@needs_kernel
 def test_a_built_kernel_is_imported_without_a_build_step(monkeypatch):
     """Once built, the library is imported from the cache directly: torch's build step (and its lock,
     which a process killed mid-build would leave held) is not entered again."""

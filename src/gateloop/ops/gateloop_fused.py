@@ -5,8 +5,8 @@ the blocked recurrence, the output; twice as many backwards), and on CPU each pa
 memory traffic and allocation than in arithmetic. The kernels run the recurrence and its output in
 one loop over time, and the adjoint recurrence with every gradient in another (the equations are at
 the top of the C++ file): one pair for the max-headed case (K = V = 1, the paper's default layer),
-vectorised over heads, one for heads with a [K, V] state, vectorised over V. Only the transition
-a = exp(log_a) is left to PyTorch, whose exp / cos / sin are vectorised.
+vectorised over heads, one for heads with a [K, V] state, vectorised over V. A complex transition
+a = exp(log_a) is one more pass in the kernel, before the loops (a real one is torch.exp).
 
 The kernels are compiled on first use (ops/cpp.py). Where they cannot be built, or on other devices,
 or with GATELOOP_FUSED=0 in the environment, gateloop_scan uses the PyTorch path (_GateLoopScan in
@@ -32,7 +32,7 @@ CHUNK_NAME = "gateloop_chunk_kernels"
 @functools.cache
 def _kernel():
     """The compiled scan module, or None where it cannot be built (ops/cpp.py)."""
-    return build(NAME, SOURCE, "scan kernels")
+    return build(NAME, SOURCE, "scan kernels", native=True)
 
 
 @functools.cache
@@ -63,12 +63,11 @@ def _planes(x: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
 
 
 def _transition(log_a: Tensor) -> tuple[Tensor, Tensor | None]:
-    """a = exp(log_a) as contiguous (real, imaginary or None) planes, in place where possible: fresh
-    pages cost more than the arithmetic."""
+    """a = exp(log_a) as contiguous (real, imaginary or None) planes: complex in the kernel's one
+    pass (csrc/gateloop_scan.cpp, transition), real by torch.exp."""
     if not log_a.is_complex():
         return torch.exp(log_a).contiguous(), None
-    mag = torch.exp(log_a.real)
-    return torch.cos(log_a.imag).mul_(mag), torch.sin(log_a.imag).mul_(mag)
+    return tuple(_kernel().transition(torch.view_as_real(log_a.resolve_conj().contiguous())))
 
 
 class FusedScan(torch.autograd.Function):
