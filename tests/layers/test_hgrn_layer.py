@@ -98,11 +98,24 @@ def test_hgrn_modes_match_the_paper_loop(opts):
 @pytest.mark.parametrize("opts", HGRN2_COMBOS, ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_hgrn2_modes_match_the_matrix_state_loop(opts):
     layers = []
-    for mode, extra in [("chunk", {"chunk_size": 4}), ("chunk", {}), ("recurrent", {})]:
+    for mode, extra in [("chunk", {"chunk_size": 4}), ("chunk", {}), ("scan", {}), (None, {}), ("recurrent", {})]:
         torch.manual_seed(0)
         layers.append(HGRN2(D, layer_idx=LAYER, n_layers=N_LAYERS, mode=mode, **extra, **opts).double())
     K = opts["head_dim"]
     check_against_loop(layers, hgrn2_loop, (B, D // K, K, K), torch.float64)
+
+
+def test_hgrn2_mode_none_takes_the_scan_on_cpu_where_gateloop_would(monkeypatch):
+    """HGRN2's decay is real and per key channel: mode=None follows GateLoop's pick_mode for that
+    case (the fused scan on CPU; the chunk form without the kernels at head_dim 64)."""
+    from gateloop.layers import hgrn
+
+    layer = HGRN2(D, head_dim=4)
+    monkeypatch.setattr(hgrn, "fused_scan_available", lambda x: True)
+    assert layer.auto_mode(torch.device("cpu")) == "scan"
+    monkeypatch.setattr(hgrn, "fused_scan_available", lambda x: False)
+    assert HGRN2(64, head_dim=64).auto_mode(torch.device("cpu")) == "chunk"
+    assert layer.auto_mode(torch.device("cpu")) == "scan"  # head_dim <= 16: the PyTorch scan still wins
 
 
 @pytest.mark.parametrize("lower_bound", ["fixed", "learned"])
@@ -150,7 +163,7 @@ ALL_OPTIONS = (
     [(HGRN, dict(use_complex=c, norm_order=n, lower_bound=lb, mode=m)) for c, n, lb, m in itertools.product(
         [True, False], ["gate_then_norm", "norm_then_gate"], ["fixed", "learned", "none"], ["scan", "recurrent"])]
     + [(HGRN2, dict(head_dim=h, lower_bound=lb, mode=m, output_gate=og, chunk_size=cs))
-       for h, lb, m, og, cs in itertools.product([1, 4, 8], ["fixed", "learned", "none"], ["chunk", "recurrent"],
+       for h, lb, m, og, cs in itertools.product([1, 4, 8], ["fixed", "learned", "none"], ["chunk", "scan", None],
                                                  [False, True], [None, 3])])
 
 
@@ -169,7 +182,7 @@ def test_every_option_constructs_and_runs(cls, opts):
 @pytest.mark.parametrize("cls,opts", [
     (HGRN, dict(norm_order="norm_first")), (HGRN, dict(mode="chunk")), (HGRN, dict(lower_bound="learnt")),
     (HGRN, dict(layer_idx=2, n_layers=2)), (HGRN, dict(layer_idx=-1)),
-    (HGRN2, dict(head_dim=3)), (HGRN2, dict(head_dim=0)), (HGRN2, dict(mode="scan")),
+    (HGRN2, dict(head_dim=3)), (HGRN2, dict(head_dim=0)), (HGRN2, dict(mode="blocked")),
     (HGRN2, dict(head_dim=4, chunk_size=0)), (HGRN2, dict(head_dim=4, lower_bound="")),
 ])
 def test_bad_options_are_named(cls, opts):

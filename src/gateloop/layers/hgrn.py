@@ -10,15 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.gateloop import gateloop_chunk, gateloop_recurrent
+from ..ops.gateloop import gateloop_chunk, gateloop_recurrent, gateloop_scan
+from ..ops.gateloop_fused import fused_scan_available
 from ..ops.hgrn import HGRN_MODES
 from .base import Mixer, register_mixer
 from .common import RMSNorm, gated_output
+from .gateloop import pick_mode
 from .short_conv import conv_inputs, make_short_conv, with_conv_state
 
 LOWER_BOUNDS = ("fixed", "learned", "none")
 NORM_ORDERS = ("gate_then_norm", "norm_then_gate")
-HGRN2_MODES = {"chunk": gateloop_chunk, "recurrent": gateloop_recurrent}
+HGRN2_MODES = {"chunk": gateloop_chunk, "scan": gateloop_scan, "recurrent": gateloop_recurrent}
 
 
 def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
@@ -185,7 +187,9 @@ class HGRN2(Mixer):
     Options:
       head_dim: the expand ratio (K = V). 64 by default; the paper's language models use 128.
       lower_bound: "fixed" (default), "learned" or "none": see ForgetGate.
-      mode: "chunk" (training default) or "recurrent"; same outputs, states and gradients.
+      mode: "chunk", "scan" or "recurrent" (same outputs, states and gradients), or None (default):
+        the fastest for the device and shape, chosen as GateLoop's layer chooses for a decay per
+        key channel (layers/gateloop.py: pick_mode; on CPU with the fused kernels, "scan").
       output_gate: add HGRN's silu(W_g x) gate after the norm. Off by default, as in the authors'
         code and fla, where o_t is the only output gate.
       chunk_size: passed to the chunk op (None: its default).
@@ -199,14 +203,14 @@ class HGRN2(Mixer):
     test_options = [{"head_dim": 4, "chunk_size": 8}, {"head_dim": 8, "output_gate": True}]
 
     def __init__(self, d_model: int, *, layer_idx: int = 0, n_layers: int = 1, head_dim: int = 64,
-                 lower_bound: str = "fixed", mode: str = "chunk", output_gate: bool = False,
+                 lower_bound: str = "fixed", mode: str | None = None, output_gate: bool = False,
                  chunk_size: int | None = None, short_conv: int = 0):
         super().__init__()
         if head_dim < 1 or d_model % head_dim:
             raise ValueError(f"d_model ({d_model}) must be a positive multiple of head_dim ({head_dim}); "
                              f"set head_dim for small models")
-        if mode not in HGRN2_MODES:
-            raise ValueError(f"mode must be one of {sorted(HGRN2_MODES)}, got {mode!r}")
+        if mode is not None and mode not in HGRN2_MODES:
+            raise ValueError(f"mode must be one of {sorted(HGRN2_MODES)} or None, got {mode!r}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be positive (or None), got {chunk_size}")
         self.d_model, self.layer_idx, self.n_layers = d_model, layer_idx, n_layers
@@ -228,6 +232,11 @@ class HGRN2(Mixer):
         """gamma: [D], 0 in the first layer."""
         return self.forget.bound()
 
+    def auto_mode(self, device: torch.device) -> str:
+        """mode=None's choice: HGRN2's decay is real and per key channel (log f_t [B, T, H, K])."""
+        fused = device.type == "cpu" and fused_scan_available(torch.empty(0, device=device))
+        return pick_mode(device.type, self.head_dim, True, fused, torch.is_grad_enabled())
+
     def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x: [B, T, D], state: [B, H, K, V] or None -> (y: [B, T, D], new state [B, H, K, V])."""
         x, state, conv_cache = conv_inputs(self.conv, x, state)
@@ -236,7 +245,7 @@ class HGRN2(Mixer):
         q = torch.sigmoid(self.W_q(x)).view(B, T, H, K)
         v = F.silu(self.W_i(x)).view(B, T, H, K)
         dtype = _compute_dtype(x, self.W_f.weight)
-        op = HGRN2_MODES["recurrent" if T == 1 else self.mode]
+        op = HGRN2_MODES["recurrent" if T == 1 else self.mode or self.auto_mode(x.device)]
         extra = {"chunk_size": self.chunk_size} if op is gateloop_chunk else {}
         # The op accumulates in float32 itself; autocast would push its matmuls back to bfloat16.
         with torch.autocast(x.device.type, enabled=False):
