@@ -256,9 +256,10 @@ def test_empty_or_binary_data_files_are_refused(data, tmp_path_factory, capsys):
 @given(prompt=st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=40, max_size=300))
 def test_prompts_longer_than_the_training_windows_generate(prompt, run, capsys):
     """seq_len is 16 tokens; prompts of 40 to 1200 bytes run through the model (in parallel, then step by
-    step carrying the state) and come back as the start of the output."""
+    step carrying the state) and come back as the start of the output (as --prompt=TEXT, which also takes a prompt that starts
+    with "-": hypothesis drew one)."""
     before = snapshot(run)
-    assert main(["generate", "--run", str(run), "--prompt", prompt, "--max-new-tokens", "3"]) == 0
+    assert main(["generate", "--run", str(run), f"--prompt={prompt}", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.startswith(prompt)
     assert snapshot(run) == before
 
