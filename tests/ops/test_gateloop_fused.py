@@ -220,3 +220,20 @@ def test_a_built_kernel_is_imported_without_a_build_step(monkeypatch):
         assert fused.fused_scan_available(torch.zeros(1))
     finally:
         fused._kernel.cache_clear()
+
+
+def test_the_cache_key_covers_the_headers_a_kernel_includes(tmp_path, monkeypatch):
+    """A kernel's build directory changes with its source and with any header beside it (csrc/vec8.h
+    is shared by the kernels), so that editing a header never loads a stale library."""
+    from gateloop.ops.cpp import build_directory
+
+    monkeypatch.setenv("GATELOOP_CACHE", str(tmp_path / "cache"))
+    source, header = tmp_path / "k.cpp", tmp_path / "vec8.h"
+    source.write_text('#include "vec8.h"\n')
+    header.write_text("// one\n")
+    first = build_directory(source)
+    assert build_directory(source) == first
+    header.write_text("// two\n")
+    assert build_directory(source) != first
+    source.write_text('#include "vec8.h"\n// edited\n')
+    assert len({first, build_directory(source)}) == 2

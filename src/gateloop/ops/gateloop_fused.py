@@ -5,8 +5,8 @@ the blocked recurrence, the output; twice as many backwards), and on CPU each pa
 memory traffic and allocation than in arithmetic. The kernels run the recurrence and its output in
 one loop over time, and the adjoint recurrence with every gradient in another (the equations are at
 the top of the C++ file): one pair for the max-headed case (K = V = 1, the paper's default layer),
-vectorised over heads, one for heads with a [K, V] state, vectorised over V. A complex transition
-a = exp(log_a) is one more pass in the kernel, before the loops (a real one is torch.exp).
+vectorised over heads, one for heads with a [K, V] state, vectorised over V. The transition
+a = exp(log_a), real or complex, is computed a row at a time inside both loops and never stored.
 
 The kernels are compiled on first use (ops/cpp.py). Where they cannot be built, or on other devices,
 or with GATELOOP_FUSED=0 in the environment, gateloop_scan uses the PyTorch path (_GateLoopScan in
@@ -62,12 +62,15 @@ def _planes(x: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     return x.contiguous(), None
 
 
-def _transition(log_a: Tensor) -> tuple[Tensor, Tensor | None]:
-    """a = exp(log_a) as contiguous (real, imaginary or None) planes: complex in the kernel's one
-    pass (csrc/gateloop_scan.cpp, transition), real by torch.exp."""
-    if not log_a.is_complex():
-        return torch.exp(log_a).contiguous(), None
-    return tuple(_kernel().transition(torch.view_as_real(log_a.resolve_conj().contiguous())))
+def _log_a_plane(log_a: Tensor) -> Tensor:
+    """log_a as the kernels read it: contiguous, a complex one as (real, imaginary) pairs [..., 2]."""
+    return torch.view_as_real(log_a.resolve_conj()).contiguous() if log_a.is_complex() else log_a.contiguous()
+
+
+def _transition(log_a: Tensor) -> tuple[Tensor, Tensor]:
+    """a = exp(log_a) of a complex log_a as the kernels compute it, as (real, imaginary) planes; for
+    the tests of its accuracy (the loops compute it a row at a time and never store it)."""
+    return tuple(_kernel().transition(_log_a_plane(log_a)))
 
 
 class FusedScan(torch.autograd.Function):
@@ -80,14 +83,12 @@ class FusedScan(torch.autograd.Function):
     def forward(ctx, keep_states, q, k, v, log_a, S0):
         """keep_states=False (no gradient will be asked for): the kernels keep two state rows instead
         of T, which at T = 1024, H = 8, K = V = 64 saves 268 MB of fresh memory."""
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        ar, ai = _transition(log_a)
+        q, k, v, log_a = q.contiguous(), k.contiguous(), v.contiguous(), _log_a_plane(log_a)
         h0r, h0i = _planes(S0)
-        o, Sr, *Si = _kernel().forward(q, k, v, ar, ai, h0r, h0i, keep_states)
+        o, Sr, *Si = _kernel().forward(q, k, v, log_a, h0r, h0i, keep_states)
         Si = Si[0] if Si else None
         if keep_states:
-            ctx.save_for_backward(q, k, v, ar, ai, Sr, Si, h0r, h0i)
-        ctx.complex = log_a.is_complex()
+            ctx.save_for_backward(q, k, v, log_a, Sr, Si, h0r, h0i)
         last = (q.shape[1] - 1) % Sr.shape[1]  # the row of the final state
         S_T = Sr[:, last].clone() if Si is None else torch.complex(Sr[:, last], Si[:, last])  # not a view
         return o, S_T
@@ -97,12 +98,13 @@ class FusedScan(torch.autograd.Function):
     def backward(ctx, do, dS_T):
         if not ctx.saved_tensors:
             raise RuntimeError("FusedScan: a backward pass after a forward with keep_states=False")
-        q, k, v, ar, ai, Sr, Si, h0r, h0i = ctx.saved_tensors
+        q, k, v, log_a, Sr, Si, h0r, h0i = ctx.saved_tensors
         dSr, dSi = _planes(dS_T)
-        dq, dk, dv, dlr, *rest = _kernel().backward(q, k, v, ar, ai, Sr, Si, h0r, h0i, do.contiguous(), dSr, dSi)
-        dli = rest.pop(0) if ctx.complex else None
-        dlog_a = dlr if dli is None else torch.complex(dlr, dli)
+        dq, dk, dv, dlog_a, *dh0 = _kernel().backward(q, k, v, log_a, Sr, Si, h0r, h0i, do.contiguous(), dSr, dSi)
+        complex_ = Si is not None
+        if complex_:
+            dlog_a = torch.view_as_complex(dlog_a)
         dS0 = None
-        if h0r is not None:
-            dS0 = rest[0] if not ctx.complex else torch.complex(rest[0], rest[1])
+        if dh0:
+            dS0 = torch.complex(*dh0) if complex_ else dh0[0]
         return None, dq, dk, dv, dlog_a, dS0

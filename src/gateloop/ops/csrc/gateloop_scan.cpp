@@ -11,7 +11,11 @@
 //             dq_t = do_t Re(S_t),  dk_t = Re(r_t) v_t,  dv_t = Re(r_t) k_t,
 //             dlog_a_t = r_t conj(a_t S_{t-1}),  dS0 = conj(a_0) r_0   (each summed over the
 //             state entries its variable touches)
-// All tensors are contiguous planes of one real dtype (a complex value is two planes).
+// All tensors are contiguous and of one real dtype; a complex state or initial state is two planes,
+// a complex log_a (and its gradient) one tensor of (real, imaginary) pairs, torch.view_as_real's.
+// The transitions a = exp(log_a) are computed a row at a time inside the loops, forward and again
+// backward, never stored: at the op's sizes a fresh tensor costs more in page faults than the
+// arithmetic that fills it.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -20,8 +24,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
+#include <utility>
 #include <vector>
+
+#include "vec8.h"
 
 namespace {
 
@@ -44,13 +50,30 @@ const T* ptr_or_null(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
 
+// a = exp(log_a) for the n transitions of one row, into the planes re (and im): log_a holds n values,
+// or n (real, imaginary) pairs for a complex decay. Float32 runs 8 at a time (vec8.h).
+template <typename T, bool CPLX>
+void transition_row(const T* log_a, int64_t n, T* re, T* im) {
+  for (int64_t j = 0; j < n; j += Lanes<T>::W) {
+    if constexpr (CPLX) {
+      const auto [m, th] = load_pairs(log_a, j, n);
+      const auto [a_re, a_im] = cexp_(m, th);
+      store(re, j, n, a_re), store(im, j, n, a_im);
+    } else {
+      store(re, j, n, exp_(load(log_a, j, n)));
+    }
+  }
+}
+
 // The inner loops below are branch-free (CPLX is a template parameter; a missing previous state
 // or next transition points at a row of zeros or ones) so that the compiler vectorises them.
 template <typename T, bool CPLX>
-void forward_loop(const T* q, const T* k, const T* v, const T* ar, const T* ai, const T* h0r,
-                  const T* h0i, T* o, T* Sr, T* Si, int64_t B, int64_t L, int64_t H, int64_t Ls) {
+void forward_loop(const T* q, const T* k, const T* v, const T* log_a, const T* h0r, const T* h0i, T* o,
+                  T* Sr, T* Si, int64_t B, int64_t L, int64_t H, int64_t Ls) {
   const std::vector<T> zeros(H, T(0));
+  constexpr int64_t P = CPLX ? 2 : 1;  // log_a's values per transition
   at::parallel_for(0, B * H, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<T> ar(H), ai(H);  // a_t of this row's channels
     for (int64_t b = begin / H; b * H < end; ++b) {
       const int64_t h_lo = std::max(begin - b * H, int64_t(0)), h_hi = std::min(end - b * H, H);
       for (int64_t t = 0; t < L; ++t) {
@@ -59,8 +82,8 @@ void forward_loop(const T* q, const T* k, const T* v, const T* ar, const T* ai, 
         const int64_t state = (b * Ls + t % Ls) * H, prev = (b * Ls + (t + Ls - 1) % Ls) * H;
         const T* pr = t ? Sr + prev : h0r ? h0r + b * H : zeros.data();
         const T* pi = CPLX ? (t ? Si + prev : h0i ? h0i + b * H : zeros.data()) : nullptr;
-        const T *q_ = q + row, *k_ = k + row, *v_ = v + row, *ar_ = ar + row;
-        const T* ai_ = CPLX ? ai + row : nullptr;
+        transition_row<T, CPLX>(log_a + P * (row + h_lo), h_hi - h_lo, ar.data() + h_lo, ai.data() + h_lo);
+        const T *q_ = q + row, *k_ = k + row, *v_ = v + row, *ar_ = ar.data(), *ai_ = ai.data();
         T *o_ = o + row, *sr_ = Sr + state;
         T* si_ = CPLX ? Si + state : nullptr;
 #pragma GCC ivdep
@@ -79,13 +102,14 @@ void forward_loop(const T* q, const T* k, const T* v, const T* ar, const T* ai, 
 }
 
 template <typename T, bool CPLX>
-void backward_loop(const T* q, const T* k, const T* v, const T* ar, const T* ai, const T* Sr,
-                   const T* Si, const T* h0r, const T* h0i, const T* dout, const T* dSr, const T* dSi,
-                   T* dq, T* dk, T* dv, T* dlr, T* dli, T* dh0r, T* dh0i, int64_t B, int64_t L,
-                   int64_t H) {
+void backward_loop(const T* q, const T* k, const T* v, const T* log_a, const T* Sr, const T* Si,
+                   const T* h0r, const T* h0i, const T* dout, const T* dSr, const T* dSi, T* dq, T* dk,
+                   T* dv, T* dlog_a, T* dh0r, T* dh0i, int64_t B, int64_t L, int64_t H) {
   const std::vector<T> zeros(H, T(0)), ones(H, T(1));
+  constexpr int64_t P = CPLX ? 2 : 1;
   at::parallel_for(0, B * H, kGrain, [&](int64_t begin, int64_t end) {
     std::vector<T> rr(end - begin), ri(end - begin);  // r_t of this task's channels, carried backwards
+    std::vector<T> ar(H), ai(H), nr(H), ni(H);        // a_t and a_{t+1} of the row's channels
     for (int64_t b = begin / H; b * H < end; ++b) {
       const int64_t h_lo = std::max(begin - b * H, int64_t(0)), h_hi = std::min(end - b * H, H);
       T* r_re = rr.data() + b * H - begin;  // r of channel h at r_re[h]
@@ -94,24 +118,23 @@ void backward_loop(const T* q, const T* k, const T* v, const T* ar, const T* ai,
         r_re[h] = dSr[b * H + h];
         r_im[h] = CPLX ? dSi[b * H + h] : T(0);
       }
+      std::copy(ones.begin(), ones.end(), nr.begin());  // a_T: 1, so that r_{T-1} is q do + dL/dS_T
+      std::copy(zeros.begin(), zeros.end(), ni.begin());
       for (int64_t t = L - 1; t >= 0; --t) {
         const int64_t row = (b * L + t) * H;
         const T* pr = t ? Sr + row - H : h0r ? h0r + b * H : zeros.data();
         const T* pi = CPLX ? (t ? Si + row - H : h0i ? h0i + b * H : zeros.data()) : nullptr;
-        const T* nr = t < L - 1 ? ar + row + H : ones.data();  // a_{t+1}
-        const T* ni = CPLX ? (t < L - 1 ? ai + row + H : zeros.data()) : nullptr;
-        const T *q_ = q + row, *k_ = k + row, *v_ = v + row, *ar_ = ar + row, *sr_ = Sr + row;
-        const T* ai_ = CPLX ? ai + row : nullptr;
-        const T* do_ = dout + row;
-        T *dq_ = dq + row, *dk_ = dk + row, *dv_ = dv + row, *dlr_ = dlr + row;
-        T* dli_ = CPLX ? dli + row : nullptr;
+        transition_row<T, CPLX>(log_a + P * (row + h_lo), h_hi - h_lo, ar.data() + h_lo, ai.data() + h_lo);
+        const T *q_ = q + row, *k_ = k + row, *v_ = v + row, *sr_ = Sr + row, *do_ = dout + row;
+        const T *ar_ = ar.data(), *ai_ = ai.data(), *nr_ = nr.data(), *ni_ = ni.data();
+        T *dq_ = dq + row, *dk_ = dk + row, *dv_ = dv + row, *dl_ = dlog_a + P * row;
 #pragma GCC ivdep
         for (int64_t h = h_lo; h < h_hi; ++h) {
           // r_t = q_t do_t + conj(a_{t+1}) r_{t+1}
-          T re = nr[h] * r_re[h] + q_[h] * do_[h], im = T(0);
+          T re = nr_[h] * r_re[h] + q_[h] * do_[h], im = T(0);
           if constexpr (CPLX) {
-            re += ni[h] * r_im[h];
-            im = nr[h] * r_im[h] - ni[h] * r_re[h];
+            re += ni_[h] * r_im[h];
+            im = nr_[h] * r_im[h] - ni_[h] * r_re[h];
             r_im[h] = im;
           }
           r_re[h] = re;
@@ -121,18 +144,18 @@ void backward_loop(const T* q, const T* k, const T* v, const T* ar, const T* ai,
           // dlog_a = r conj(u), u = a_t S_{t-1}
           if constexpr (CPLX) {
             const T u_re = ar_[h] * pr[h] - ai_[h] * pi[h], u_im = ar_[h] * pi[h] + ai_[h] * pr[h];
-            dlr_[h] = re * u_re + im * u_im;
-            dli_[h] = im * u_re - re * u_im;
+            dl_[2 * h] = re * u_re + im * u_im;
+            dl_[2 * h + 1] = im * u_re - re * u_im;
           } else {
-            dlr_[h] = re * ar_[h] * pr[h];
+            dl_[h] = re * ar_[h] * pr[h];
           }
         }
+        std::swap(ar, nr), std::swap(ai, ni);  // a_t is the next step's a_{t+1}
       }
-      if (dh0r) {  // dS0 = conj(a_0) r_0
+      if (dh0r) {  // dS0 = conj(a_0) r_0 (a_0 is in nr, ni after the last swap)
         for (int64_t h = h_lo; h < h_hi; ++h) {
-          const int64_t j = b * L * H + h;
-          dh0r[b * H + h] = ar[j] * r_re[h] + (CPLX ? ai[j] * r_im[h] : T(0));
-          if (CPLX) dh0i[b * H + h] = ar[j] * r_im[h] - ai[j] * r_re[h];
+          dh0r[b * H + h] = nr[h] * r_re[h] + (CPLX ? ni[h] * r_im[h] : T(0));
+          if (CPLX) dh0i[b * H + h] = nr[h] * r_im[h] - ni[h] * r_re[h];
         }
       }
     }
@@ -143,11 +166,13 @@ void backward_loop(const T* q, const T* k, const T* v, const T* ar, const T* ai,
 // (Kd = 1). The same equations with k_t v_t^T for x_t, o_t = Re(q_t^T S_t), and sums over V (and K
 // for Kd = 1) in dq, dk, dv, dlog_a. Parallel over (b, h); the inner loops run over V.
 template <typename T, bool CPLX>
-void head_forward_loop(const T* q, const T* k, const T* v, const T* ar, const T* ai, const T* h0r,
-                       const T* h0i, T* o, T* Sr, T* Si, int64_t B, int64_t L, int64_t H, int64_t K,
-                       int64_t V, int64_t Kd, int64_t Ls) {
+void head_forward_loop(const T* q, const T* k, const T* v, const T* log_a, const T* h0r, const T* h0i,
+                       T* o, T* Sr, T* Si, int64_t B, int64_t L, int64_t H, int64_t K, int64_t V, int64_t Kd,
+                       int64_t Ls) {
   const std::vector<T> zeros(K * V, T(0));
+  constexpr int64_t P = CPLX ? 2 : 1;
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> ar(Kd), ai(Kd);  // a_t of this head's decay channels
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       for (int64_t t = 0; t < L; ++t) {
@@ -159,9 +184,10 @@ void head_forward_loop(const T* q, const T* k, const T* v, const T* ar, const T*
         const T* pi = CPLX ? (t ? Si + prev : h0i ? h0i + bh * K * V : zeros.data()) : nullptr;
         const T *q_ = q + row * K, *k_ = k + row * K, *v_ = v + row * V;
         T* o_ = o + row * V;
+        transition_row<T, CPLX>(log_a + P * row * Kd, Kd, ar.data(), ai.data());
         for (int64_t j = 0; j < V; ++j) o_[j] = T(0);
         for (int64_t i = 0; i < K; ++i) {
-          const int64_t d = row * Kd + (Kd == 1 ? 0 : i);
+          const int64_t d = Kd == 1 ? 0 : i;
           const T a_re = ar[d], a_im = CPLX ? ai[d] : T(0), k_i = k_[i], q_i = q_[i];
           const T *pr_i = pr + i * V, *pi_i = CPLX ? pi + i * V : nullptr;
           T *sr_i = Sr + state + i * V, *si_i = CPLX ? Si + state + i * V : nullptr;
@@ -182,29 +208,33 @@ void head_forward_loop(const T* q, const T* k, const T* v, const T* ar, const T*
 }
 
 template <typename T, bool CPLX>
-void head_backward_loop(const T* q, const T* k, const T* v, const T* ar, const T* ai, const T* Sr,
-                        const T* Si, const T* h0r, const T* h0i, const T* dout, const T* dSr,
-                        const T* dSi, T* dq, T* dk, T* dv, T* dlr, T* dli, T* dh0r, T* dh0i, int64_t B,
-                        int64_t L, int64_t H, int64_t K, int64_t V, int64_t Kd) {
+void head_backward_loop(const T* q, const T* k, const T* v, const T* log_a, const T* Sr, const T* Si,
+                        const T* h0r, const T* h0i, const T* dout, const T* dSr, const T* dSi, T* dq, T* dk,
+                        T* dv, T* dlog_a, T* dh0r, T* dh0i, int64_t B, int64_t L, int64_t H, int64_t K,
+                        int64_t V, int64_t Kd) {
   const std::vector<T> zeros(K * V, T(0));
+  constexpr int64_t P = CPLX ? 2 : 1;
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> rr(K * V), ri(K * V), dv_acc(V), da_re(K), da_im(K);
+    std::vector<T> ar(Kd), ai(Kd), nr(Kd), ni(Kd);  // a_t and a_{t+1} of this head's decay channels
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       for (int64_t n = 0; n < K * V; ++n) {  // r starts as dL/dS_T, carried in by a "transition" of 1
         rr[n] = dSr[bh * K * V + n];
         ri[n] = CPLX ? dSi[bh * K * V + n] : T(0);
       }
+      std::fill(nr.begin(), nr.end(), T(1)), std::fill(ni.begin(), ni.end(), T(0));  // a_T = 1
       for (int64_t t = L - 1; t >= 0; --t) {
         const int64_t row = (b * L + t) * H + h;
         const int64_t state = row * K * V, prev = state - H * K * V;
         const T* pr = t ? Sr + prev : h0r ? h0r + bh * K * V : zeros.data();
         const T* pi = CPLX ? (t ? Si + prev : h0i ? h0i + bh * K * V : zeros.data()) : nullptr;
         const T *q_ = q + row * K, *k_ = k + row * K, *v_ = v + row * V, *do_ = dout + row * V;
+        transition_row<T, CPLX>(log_a + P * row * Kd, Kd, ar.data(), ai.data());
         for (int64_t j = 0; j < V; ++j) dv_acc[j] = T(0);
         for (int64_t i = 0; i < K; ++i) {
-          const int64_t d = row * Kd + (Kd == 1 ? 0 : i), dn = d + H * Kd;  // a_t, a_{t+1}
-          const T n_re = t < L - 1 ? ar[dn] : T(1), n_im = CPLX && t < L - 1 ? ai[dn] : T(0);
+          const int64_t d = Kd == 1 ? 0 : i;
+          const T n_re = nr[d], n_im = CPLX ? ni[d] : T(0);  // a_{t+1}
           const T a_re = ar[d], a_im = CPLX ? ai[d] : T(0), q_i = q_[i], k_i = k_[i];
           const T *sr_i = Sr + state + i * V, *pr_i = pr + i * V, *pi_i = CPLX ? pi + i * V : nullptr;
           T *rr_i = rr.data() + i * V, *ri_i = ri.data() + i * V;
@@ -234,22 +264,24 @@ void head_backward_loop(const T* q, const T* k, const T* v, const T* ar, const T
           da_im[i] = g_im;
         }
         for (int64_t j = 0; j < V; ++j) dv[row * V + j] = dv_acc[j];
+        T* dl = dlog_a + P * row * Kd;
         if (Kd == 1) {
           T s_re = T(0), s_im = T(0);
           for (int64_t i = 0; i < K; ++i) s_re += da_re[i], s_im += da_im[i];
-          dlr[row] = s_re;
-          if (CPLX) dli[row] = s_im;
+          dl[0] = s_re;
+          if (CPLX) dl[1] = s_im;
         } else {
           for (int64_t i = 0; i < K; ++i) {
-            dlr[row * K + i] = da_re[i];
-            if (CPLX) dli[row * K + i] = da_im[i];
+            dl[P * i] = da_re[i];
+            if (CPLX) dl[P * i + 1] = da_im[i];
           }
         }
+        std::swap(ar, nr), std::swap(ai, ni);  // a_t is the next step's a_{t+1}
       }
-      if (dh0r) {  // dS0 = conj(a_0) r_0
+      if (dh0r) {  // dS0 = conj(a_0) r_0 (a_0 is in nr, ni after the last swap)
         for (int64_t i = 0; i < K; ++i) {
-          const int64_t d = (b * L * H + h) * Kd + (Kd == 1 ? 0 : i);
-          const T a_re = ar[d], a_im = CPLX ? ai[d] : T(0);
+          const int64_t d = Kd == 1 ? 0 : i;
+          const T a_re = nr[d], a_im = CPLX ? ni[d] : T(0);
           for (int64_t j = 0; j < V; ++j) {
             const int64_t n = i * V + j;
             dh0r[bh * K * V + n] = a_re * rr[n] + a_im * ri[n];
@@ -261,53 +293,113 @@ void head_backward_loop(const T* q, const T* k, const T* v, const T* ar, const T
   });
 }
 
-// The complex transition a = exp(log_a) = e^m (cos th + i sin th), log_a = m + i th, in one pass
-// over 8 lanes at a time: in PyTorch it is three transcendental passes and two products over fresh
-// tensors, which took more than half of the max-headed forward. e^x as in lstm_loop.cpp (2^n e^r,
-// degree-6 Taylor, about 2 ulp); cos and sin by Cody-Waite reduction to |r| <= pi/4 with Cephes'
-// polynomials (absolute error about 1e-7), exact to that for |th| < 8192; a vector with a larger
-// angle is done with libm instead (rare: angles are projections of normalised inputs).
-typedef float f8 __attribute__((vector_size(32)));
-typedef int32_t i8 __attribute__((vector_size(32)));
+// One entry per direction for both pairs of loops: K = V = Kd = 1 (max-headed; the [B, T, H, 1]
+// tensors are [B, T, H] planes in memory) takes the loops vectorised over heads, any other head size
+// the [K, V]-state ones.
 
-inline f8 round_(f8 x) { return (x + 12582912.0f) - 12582912.0f; }  // 1.5 * 2^23: to the nearest integer
-
-inline f8 exp8(const f8 x0) {
-  const f8 lo = f8{} - 87.0f, hi = f8{} + 88.0f;
-  f8 x = x0 < lo ? lo : x0;
-  x = x > hi ? hi : x;
-  const f8 n = round_(x * 1.44269504f);
-  const f8 r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  // ln 2 in two parts: r is exact
-  f8 p = f8{} + 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const i8 bits = (__builtin_convertvector(n, i8) + 127) << 23;
-  f8 scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  const f8 y = p * scale;
-  return x0 < lo ? f8{} : x0 > hi ? f8{} + INFINITY : y;  // log_a = -inf (a = 0) stays exact
+// log_a [B, T, H, Kd] (real) or [B, T, H, Kd, 2] (complex: torch.view_as_real's pairs), checked
+// against q: -> (Kd, complex).
+std::pair<int64_t, bool> check_log_a(const at::Tensor& log_a, const at::Tensor& q) {
+  TORCH_CHECK(log_a.dim() == 4 || (log_a.dim() == 5 && log_a.size(4) == 2),
+              "scan kernel: log_a must be [B, T, H, Kd], or [B, T, H, Kd, 2] for a complex decay; got ",
+              log_a.sizes());
+  const int64_t Kd = log_a.size(3);
+  TORCH_CHECK(Kd == 1 || Kd == q.size(3), "scan kernel: one decay per head or per key channel");
+  const bool cplx = log_a.dim() == 5;
+  std::vector<int64_t> shape = {q.size(0), q.size(1), q.size(2), Kd};
+  if (cplx) shape.push_back(2);
+  check(log_a, q, shape, "log_a");
+  return {Kd, cplx};
 }
 
-inline void sincos8(f8 x, f8& s, f8& c) {
-  const f8 n = round_(x * 0.636619772f);  // x = n pi/2 + r
-  const f8 r = ((x - n * 1.5703125f) - n * 4.83751297e-4f) - n * 7.54978995e-8f;  // pi/2 in three parts
-  const f8 r2 = r * r;
-  const f8 sr = ((-1.9515295891e-4f * r2 + 8.3321608736e-3f) * r2 - 1.6666654611e-1f) * r2 * r + r;
-  const f8 cr = ((2.443315711809948e-5f * r2 - 1.388731625493765e-3f) * r2 + 4.166664568298827e-2f) * r2 * r2 -
-                0.5f * r2 + 1.0f;
-  const i8 q = __builtin_convertvector(n, i8);  // quadrant: (sin, cos) = (sr, cr), (cr, -sr), (-sr, -cr), (-cr, sr)
-  const i8 swap = (q & 1) != 0, neg_s = (q & 2) != 0, neg_c = ((q + 1) & 2) != 0;
-  const f8 s0 = swap ? cr : sr, c0 = swap ? sr : cr;
-  s = neg_s ? -s0 : s0;
-  c = neg_c ? -c0 : c0;
+// forward(q, k, v, log_a, h0r?, h0i?, keep_states) with q, k [B, T, H, K], v [B, T, H, V], h0
+// [B, H, K, V] -> [o [B, T, H, V], Sr [B, T or 2, H, K, V], Si?]: every state (for the backward) or,
+// without keep_states, two alternating rows (the last state at (T - 1) % 2).
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& log_a, const c10::optional<at::Tensor>& h0r,
+                                const c10::optional<at::Tensor>& h0i, bool keep_states) {
+  TORCH_CHECK(q.dim() == 4 && v.dim() == 4, "scan kernel: q and v must be 4-d");
+  const int64_t B = q.size(0), L = q.size(1), H = q.size(2), K = q.size(3), V = v.size(3);
+  const auto [Kd, cplx] = check_log_a(log_a, q);
+  check(q, q, {B, L, H, K}, "q");
+  check(k, q, {B, L, H, K}, "k");
+  check(v, q, {B, L, H, V}, "v");
+  check(h0r, q, {B, H, K, V}, "h0r");
+  check(h0i, q, {B, H, K, V}, "h0i");
+  const int64_t Ls = keep_states ? L : 2;
+  const bool flat = K == 1 && V == 1 && Kd == 1;
+  auto o = at::empty({B, L, H, V}, q.options()), Sr = at::empty({B, Ls, H, K, V}, q.options());
+  at::Tensor Si = cplx ? at::empty_like(Sr) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "gateloop_scan_forward", [&] {
+    const scalar_t *q_ = q.data_ptr<scalar_t>(), *k_ = k.data_ptr<scalar_t>(), *v_ = v.data_ptr<scalar_t>();
+    const scalar_t* la_ = log_a.data_ptr<scalar_t>();
+    const scalar_t *h0r_ = ptr_or_null<scalar_t>(h0r), *h0i_ = ptr_or_null<scalar_t>(h0i);
+    scalar_t *o_ = o.data_ptr<scalar_t>(), *sr_ = Sr.data_ptr<scalar_t>();
+    scalar_t* si_ = Si.defined() ? Si.data_ptr<scalar_t>() : nullptr;
+    if (flat) {
+      auto run = cplx ? forward_loop<scalar_t, true> : forward_loop<scalar_t, false>;
+      run(q_, k_, v_, la_, h0r_, h0i_, o_, sr_, si_, B, L, H, Ls);
+    } else {
+      auto run = cplx ? head_forward_loop<scalar_t, true> : head_forward_loop<scalar_t, false>;
+      run(q_, k_, v_, la_, h0r_, h0i_, o_, sr_, si_, B, L, H, K, V, Kd, Ls);
+    }
+  });
+  if (Si.defined()) return {o, Sr, Si};
+  return {o, Sr};
 }
 
-// transition(log_a) with log_a [..., 2] (torch.view_as_real of a complex tensor) -> [ar, ai], each
-// of log_a's shape without the last dimension.
+// backward(q, k, v, log_a, Sr, Si?, h0r?, h0i?, do, dSr, dSi?) -> [dq, dk, dv, dlog_a (log_a's
+// layout), dh0r?, dh0i?]
+std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& log_a, const at::Tensor& Sr, const c10::optional<at::Tensor>& Si,
+                                 const c10::optional<at::Tensor>& h0r, const c10::optional<at::Tensor>& h0i,
+                                 const at::Tensor& dout, const at::Tensor& dSr,
+                                 const c10::optional<at::Tensor>& dSi) {
+  TORCH_CHECK(q.dim() == 4 && v.dim() == 4, "scan kernel: q and v must be 4-d");
+  const int64_t B = q.size(0), L = q.size(1), H = q.size(2), K = q.size(3), V = v.size(3);
+  const auto [Kd, cplx] = check_log_a(log_a, q);
+  check(q, q, {B, L, H, K}, "q");
+  check(k, q, {B, L, H, K}, "k");
+  check(v, q, {B, L, H, V}, "v");
+  check(dout, q, {B, L, H, V}, "do");
+  check(Sr, q, {B, L, H, K, V}, "Sr");
+  check(Si, q, {B, L, H, K, V}, "Si");
+  check(h0r, q, {B, H, K, V}, "h0r");
+  check(h0i, q, {B, H, K, V}, "h0i");
+  check(dSr, q, {B, H, K, V}, "dSr");
+  check(dSi, q, {B, H, K, V}, "dSi");
+  TORCH_CHECK(cplx == Si.has_value() && cplx == dSi.has_value(),
+              "scan kernel: Si and dSi come with a complex decay, and only with one");
+  const bool flat = K == 1 && V == 1 && Kd == 1;
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v), dlog_a = at::empty_like(log_a);
+  at::Tensor dh0r = h0r.has_value() ? at::empty_like(*h0r) : at::Tensor();
+  at::Tensor dh0i = h0r.has_value() && cplx ? at::empty_like(*h0r) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "gateloop_scan_backward", [&] {
+    auto p = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+    const scalar_t *q_ = q.data_ptr<scalar_t>(), *k_ = k.data_ptr<scalar_t>(), *v_ = v.data_ptr<scalar_t>();
+    const scalar_t* la_ = log_a.data_ptr<scalar_t>();
+    const scalar_t *sr_ = Sr.data_ptr<scalar_t>(), *si_ = ptr_or_null<scalar_t>(Si);
+    const scalar_t *h0r_ = ptr_or_null<scalar_t>(h0r), *h0i_ = ptr_or_null<scalar_t>(h0i);
+    const scalar_t *do_ = dout.data_ptr<scalar_t>(), *dsr_ = dSr.data_ptr<scalar_t>();
+    const scalar_t* dsi_ = ptr_or_null<scalar_t>(dSi);
+    if (flat) {
+      auto run = cplx ? backward_loop<scalar_t, true> : backward_loop<scalar_t, false>;
+      run(q_, k_, v_, la_, sr_, si_, h0r_, h0i_, do_, dsr_, dsi_, p(dq), p(dk), p(dv), p(dlog_a), p(dh0r),
+          p(dh0i), B, L, H);
+    } else {
+      auto run = cplx ? head_backward_loop<scalar_t, true> : head_backward_loop<scalar_t, false>;
+      run(q_, k_, v_, la_, sr_, si_, h0r_, h0i_, do_, dsr_, dsi_, p(dq), p(dk), p(dv), p(dlog_a), p(dh0r),
+          p(dh0i), B, L, H, K, V, Kd);
+    }
+  });
+  std::vector<at::Tensor> out = {dq, dk, dv, dlog_a};
+  if (dh0r.defined()) out.push_back(dh0r);
+  if (dh0i.defined()) out.push_back(dh0i);
+  return out;
+}
+
+// transition(log_a) -> [ar, ai]: a = exp(log_a) for a complex log_a [..., 2], as the loops compute
+// it; for the tests of its accuracy.
 std::vector<at::Tensor> transition(const at::Tensor& log_a) {
   TORCH_CHECK(log_a.device().is_cpu() && log_a.is_contiguous() && log_a.dim() >= 1 && log_a.size(-1) == 2,
               "scan kernel: transition takes a contiguous CPU tensor [..., 2] (real, imaginary); got ",
@@ -315,133 +407,11 @@ std::vector<at::Tensor> transition(const at::Tensor& log_a) {
   auto shape = log_a.sizes().vec();
   shape.pop_back();
   auto ar = at::empty(shape, log_a.options()), ai = at::empty(shape, log_a.options());
-  const int64_t N = ar.numel();
   AT_DISPATCH_FLOATING_TYPES(log_a.scalar_type(), "gateloop_transition", [&] {
-    const scalar_t* x = log_a.data_ptr<scalar_t>();
-    scalar_t *re = ar.data_ptr<scalar_t>(), *im = ai.data_ptr<scalar_t>();
-    at::parallel_for(0, (N + 7) / 8, 2048, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin * 8; n < std::min(end * 8, N); n += 8) {
-        const int64_t w = std::min<int64_t>(8, N - n);
-        bool exact = !std::is_same_v<scalar_t, float>;  // float64 (the tests' algebra): libm
-        float m[8] = {}, th[8] = {};
-        for (int64_t j = 0; j < w; ++j) {
-          m[j] = float(x[2 * (n + j)]), th[j] = float(x[2 * (n + j) + 1]);
-          exact |= !(std::fabs(th[j]) < 8192.0f);  // also NaN
-        }
-        if (exact) {
-          for (int64_t j = 0; j < w; ++j) {
-            const scalar_t mag = std::exp(x[2 * (n + j)]), angle = x[2 * (n + j) + 1];
-            re[n + j] = mag * std::cos(angle), im[n + j] = mag * std::sin(angle);
-          }
-          continue;
-        }
-        f8 mv, tv, sv, cv;
-        std::memcpy(&mv, m, sizeof mv), std::memcpy(&tv, th, sizeof tv);
-        sincos8(tv, sv, cv);
-        const f8 mag = exp8(mv), rv = mag * cv, iv = mag * sv;
-        float rs[8], is[8];
-        std::memcpy(rs, &rv, sizeof rs), std::memcpy(is, &iv, sizeof is);
-        for (int64_t j = 0; j < w; ++j) re[n + j] = rs[j], im[n + j] = is[j];
-      }
-    });
+    transition_row<scalar_t, true>(log_a.data_ptr<scalar_t>(), ar.numel(), ar.data_ptr<scalar_t>(),
+                                   ai.data_ptr<scalar_t>());
   });
   return {ar, ai};
-}
-
-// One entry per direction for both pairs of loops: K = V = Kd = 1 (max-headed; the [B, T, H, 1]
-// tensors are [B, T, H] planes in memory) takes the loops vectorised over heads, any other head size
-// the [K, V]-state ones.
-
-// forward(q, k, v, ar, ai?, h0r?, h0i?, keep_states) with q, k [B, T, H, K], v [B, T, H, V],
-// a [B, T, H, Kd], h0 [B, H, K, V] -> [o [B, T, H, V], Sr [B, T or 2, H, K, V], Si?]: every state
-// (for the backward) or, without keep_states, two alternating rows (the last state at (T - 1) % 2).
-std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& ar, const c10::optional<at::Tensor>& ai,
-                                const c10::optional<at::Tensor>& h0r, const c10::optional<at::Tensor>& h0i,
-                                bool keep_states) {
-  TORCH_CHECK(q.dim() == 4 && v.dim() == 4 && ar.dim() == 4, "scan kernel: q, v and a must be 4-d");
-  const int64_t B = q.size(0), L = q.size(1), H = q.size(2), K = q.size(3), V = v.size(3), Kd = ar.size(3);
-  TORCH_CHECK(Kd == 1 || Kd == K, "scan kernel: one decay per head or per key channel");
-  check(q, q, {B, L, H, K}, "q");
-  check(k, q, {B, L, H, K}, "k");
-  check(v, q, {B, L, H, V}, "v");
-  check(ar, q, {B, L, H, Kd}, "ar");
-  check(ai, q, {B, L, H, Kd}, "ai");
-  check(h0r, q, {B, H, K, V}, "h0r");
-  check(h0i, q, {B, H, K, V}, "h0i");
-  const int64_t Ls = keep_states ? L : 2;
-  const bool flat = K == 1 && V == 1 && Kd == 1;
-  auto o = at::empty({B, L, H, V}, q.options()), Sr = at::empty({B, Ls, H, K, V}, q.options());
-  at::Tensor Si = ai.has_value() ? at::empty_like(Sr) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "gateloop_scan_forward", [&] {
-    const scalar_t *q_ = q.data_ptr<scalar_t>(), *k_ = k.data_ptr<scalar_t>(), *v_ = v.data_ptr<scalar_t>();
-    const scalar_t *ar_ = ar.data_ptr<scalar_t>(), *ai_ = ptr_or_null<scalar_t>(ai);
-    const scalar_t *h0r_ = ptr_or_null<scalar_t>(h0r), *h0i_ = ptr_or_null<scalar_t>(h0i);
-    scalar_t *o_ = o.data_ptr<scalar_t>(), *sr_ = Sr.data_ptr<scalar_t>();
-    scalar_t* si_ = Si.defined() ? Si.data_ptr<scalar_t>() : nullptr;
-    if (flat) {
-      auto run = ai_ ? forward_loop<scalar_t, true> : forward_loop<scalar_t, false>;
-      run(q_, k_, v_, ar_, ai_, h0r_, h0i_, o_, sr_, si_, B, L, H, Ls);
-    } else {
-      auto run = ai_ ? head_forward_loop<scalar_t, true> : head_forward_loop<scalar_t, false>;
-      run(q_, k_, v_, ar_, ai_, h0r_, h0i_, o_, sr_, si_, B, L, H, K, V, Kd, Ls);
-    }
-  });
-  if (Si.defined()) return {o, Sr, Si};
-  return {o, Sr};
-}
-
-// backward(q, k, v, ar, ai?, Sr, Si?, h0r?, h0i?, do, dSr, dSi?) -> [dq, dk, dv, dlr, dli?, dh0r?, dh0i?]
-std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& ar, const c10::optional<at::Tensor>& ai,
-                                 const at::Tensor& Sr, const c10::optional<at::Tensor>& Si,
-                                 const c10::optional<at::Tensor>& h0r, const c10::optional<at::Tensor>& h0i,
-                                 const at::Tensor& dout, const at::Tensor& dSr,
-                                 const c10::optional<at::Tensor>& dSi) {
-  TORCH_CHECK(q.dim() == 4 && v.dim() == 4 && ar.dim() == 4, "scan kernel: q, v and a must be 4-d");
-  const int64_t B = q.size(0), L = q.size(1), H = q.size(2), K = q.size(3), V = v.size(3), Kd = ar.size(3);
-  check(q, q, {B, L, H, K}, "q");
-  check(k, q, {B, L, H, K}, "k");
-  check(v, q, {B, L, H, V}, "v");
-  check(dout, q, {B, L, H, V}, "do");
-  check(ar, q, {B, L, H, Kd}, "ar");
-  check(ai, q, {B, L, H, Kd}, "ai");
-  check(Sr, q, {B, L, H, K, V}, "Sr");
-  check(Si, q, {B, L, H, K, V}, "Si");
-  check(h0r, q, {B, H, K, V}, "h0r");
-  check(h0i, q, {B, H, K, V}, "h0i");
-  check(dSr, q, {B, H, K, V}, "dSr");
-  check(dSi, q, {B, H, K, V}, "dSi");
-  TORCH_CHECK(ai.has_value() == Si.has_value() && (!ai.has_value() || dSi.has_value()),
-              "scan kernel: ai, Si and dSi come together (a complex decay)");
-  const bool cplx = ai.has_value(), flat = K == 1 && V == 1 && Kd == 1;
-  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v), dlr = at::empty_like(ar);
-  at::Tensor dli = cplx ? at::empty_like(ar) : at::Tensor();
-  at::Tensor dh0r = h0r.has_value() ? at::empty_like(*h0r) : at::Tensor();
-  at::Tensor dh0i = h0r.has_value() && cplx ? at::empty_like(*h0r) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "gateloop_scan_backward", [&] {
-    auto p = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
-    const scalar_t *q_ = q.data_ptr<scalar_t>(), *k_ = k.data_ptr<scalar_t>(), *v_ = v.data_ptr<scalar_t>();
-    const scalar_t *ar_ = ar.data_ptr<scalar_t>(), *ai_ = ptr_or_null<scalar_t>(ai);
-    const scalar_t *sr_ = Sr.data_ptr<scalar_t>(), *si_ = ptr_or_null<scalar_t>(Si);
-    const scalar_t *h0r_ = ptr_or_null<scalar_t>(h0r), *h0i_ = ptr_or_null<scalar_t>(h0i);
-    const scalar_t *do_ = dout.data_ptr<scalar_t>(), *dsr_ = dSr.data_ptr<scalar_t>();
-    const scalar_t* dsi_ = ptr_or_null<scalar_t>(dSi);
-    if (flat) {
-      auto run = cplx ? backward_loop<scalar_t, true> : backward_loop<scalar_t, false>;
-      run(q_, k_, v_, ar_, ai_, sr_, si_, h0r_, h0i_, do_, dsr_, dsi_, p(dq), p(dk), p(dv), p(dlr), p(dli),
-          p(dh0r), p(dh0i), B, L, H);
-    } else {
-      auto run = cplx ? head_backward_loop<scalar_t, true> : head_backward_loop<scalar_t, false>;
-      run(q_, k_, v_, ar_, ai_, sr_, si_, h0r_, h0i_, do_, dsr_, dsi_, p(dq), p(dk), p(dv), p(dlr), p(dli),
-          p(dh0r), p(dh0i), B, L, H, K, V, Kd);
-    }
-  });
-  std::vector<at::Tensor> out = {dq, dk, dv, dlr};
-  if (cplx) out.push_back(dli);
-  if (dh0r.defined()) out.push_back(dh0r);
-  if (dh0i.defined()) out.push_back(dh0i);
-  return out;
 }
 
 }  // namespace

@@ -23,6 +23,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "vec8.h"
+
 namespace {
 
 struct Spec {
@@ -36,57 +38,8 @@ Spec spec_from(const std::vector<int64_t>& s) {
   return {s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7] != 0, s[8] != 0, s[9] != 0, s[10] != 0};
 }
 
-// Every loop over a row of N units runs on W lanes at once: float32 in GCC / Clang vectors of 8 (the
-// compiler maps them onto whatever SIMD the build targets), float64, the dtype the tests check the
-// algebra in, one at a time with libm. load / store pad a row's tail, so N needs no multiple of W.
-typedef float f8 __attribute__((vector_size(32)));
-typedef int32_t i8 __attribute__((vector_size(32)));
-
-template <typename T> struct Lanes;
-template <> struct Lanes<float> { using V = f8; static constexpr int64_t W = 8; };
-template <> struct Lanes<double> { using V = double; static constexpr int64_t W = 1; };
-
-template <typename T>
-inline typename Lanes<T>::V load(const T* p, int64_t n, int64_t N) {
-  typename Lanes<T>::V v{};
-  if (N - n >= Lanes<T>::W)
-    std::memcpy(&v, p + n, sizeof v);  // a fixed size: one unaligned vector load
-  else
-    std::memcpy(&v, p + n, sizeof(T) * (N - n));
-  return v;
-}
-
-template <typename T>
-inline void store(T* p, int64_t n, int64_t N, typename Lanes<T>::V v) {
-  if (N - n >= Lanes<T>::W)
-    std::memcpy(p + n, &v, sizeof v);
-  else
-    std::memcpy(p + n, &v, sizeof(T) * (N - n));
-}
-
-// e^x on 8 floats in plain arithmetic (libm's expf and tanhf are scalar calls, at about 25 ns each
-// more than the rest of a step): 2^n e^r, n = round(x / ln 2), |r| <= ln 2 / 2, e^r by its degree-6
-// Taylor polynomial: relative error below 2e-7, about 2 ulp.
-inline f8 exp_(f8 x) {
-  const f8 lo = f8{} - 87.0f, hi = f8{} + 88.0f;
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  const f8 n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // 1.5 * 2^23 rounds to an integer
-  const f8 r = (x - n * 0.693145752f) - n * 1.42860677e-6f;    // ln 2 in two parts: r is exact
-  f8 p = f8{} + 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const i8 bits = (__builtin_convertvector(n, i8) + 127) << 23;
-  f8 scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-inline double exp_(double x) { return std::exp(x); }
-
+// Every loop over a row of N units runs on Lanes<T>::W lanes at once (vec8.h: float32 in vectors of 8,
+// float64 one at a time with libm), the row's tail padded, so N needs no multiple of W.
 template <typename V>
 inline V sigmoid(V x) {
   return 1.0f / (1.0f + exp_(-x));
