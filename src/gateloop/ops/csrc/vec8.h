@@ -104,7 +104,10 @@ inline void store(T* p, int64_t n, int64_t N, typename Lanes<T>::V v) {
 // Values n, n + 1, ... of a row of N complex values stored as (real, imaginary) pairs, as two planes.
 inline std::pair<f8, f8> load_pairs(const float* p, int64_t n, int64_t N) {
   f8 v[2] = {};
-  std::memcpy(v, p + 2 * n, sizeof(float) * 2 * std::min<int64_t>(8, N - n));
+  if (N - n >= 8)
+    std::memcpy(v, p + 2 * n, sizeof v);  // a fixed size: two vector loads, not a call to memcpy
+  else
+    std::memcpy(v, p + 2 * n, sizeof(float) * 2 * (N - n));
   f8 re, im;
   deinterleave8(v[0], v[1], re, im);
   return {re, im};
