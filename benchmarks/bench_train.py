@@ -34,6 +34,7 @@ from gateloop.bench import gemm_gflops  # noqa: E402
 from gateloop.checkpoint import build_model  # noqa: E402
 from gateloop.config import load_config  # noqa: E402
 from gateloop.grid import LM, load_grid  # noqa: E402
+from gateloop.loop import cpu_settings  # noqa: E402
 from gateloop.optim import make_optimizer  # noqa: E402
 
 
@@ -94,7 +95,11 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key for every model, e.g. model.mixer_options.mode=scan")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    with cpu_settings(args.threads):  # as `gateloop train` runs: its threads, subnormals flushed
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     gemm = gemm_gflops()
     rows = []
     for name, overrides in cells(args.grid):

@@ -27,7 +27,7 @@ from gateloop.cli import main
 from gateloop.config import load_config
 from gateloop.errors import UserError
 from gateloop.layers import MIXERS
-from gateloop.loop import MAX_BAD_STEPS, stop_requests
+from gateloop.loop import MAX_BAD_STEPS, cpu_settings, stop_requests
 from gateloop.train import train
 
 STEPS = 24
@@ -403,3 +403,18 @@ def test_acp_logs_the_pruned_fraction_and_tracks_the_unpruned_run(corpus, tmp_pa
     assert not any("acp_pruned_fraction" in r for r in exact)
     for a, b in zip((r["train_loss"] for r in exact if "train_loss" in r), (r["train_loss"] for r in rows)):
         assert abs(a - b) < 1e-4
+
+
+def test_training_flushes_subnormals_and_restores_the_settings_afterwards():
+    """cpu_settings (what train and task runs run under): a subnormal float32 reads as zero inside,
+    and both the flag and the thread count are as before afterwards."""
+    tiny = torch.tensor([1e-39])  # subnormal in float32
+    threads = torch.get_num_threads()
+    with cpu_settings(1):
+        assert torch.get_num_threads() == 1
+        flushed = (tiny * 1.0).item()
+    assert torch.get_num_threads() == threads
+    if torch.set_flush_denormal(True):  # the CPU can flush: it did inside
+        torch.set_flush_denormal(False)
+        assert flushed == 0.0
+    assert (tiny * 1.0).item() > 0.0

@@ -133,12 +133,23 @@ def stop_requests(*signums: int, announce: str = "stopping after this step"):
 
 
 @contextlib.contextmanager
-def torch_threads(n: int):
-    """torch's CPU thread count set to n (0: left as it is) inside, restored afterwards."""
+def cpu_settings(threads: int):
+    """Inside: torch's CPU thread count set to `threads` (0: left as it is), and subnormal floats
+    (below 1.2e-38 in float32) flushed to zero; both restored afterwards.
+
+    On x86 every operation on a subnormal is dozens of times slower than on a normal float, and
+    recurrences make them: a forget gate that saturates multiplies a cell by a tiny factor at every
+    step, decays multiply over a whole chunk. An LSTM variant whose gates saturated trained 2.7x
+    slower for it (docs/claims.md, LSTM Odyssey). What is flushed is far below what float32 resolves
+    in any sum it enters. The flag is per thread (torch.set_flush_denormal): it holds for the
+    calling thread and threads it starts later; intra-op workers started before may keep
+    subnormals, which costs speed only."""
     before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
     try:
         yield
     finally:
+        torch.set_flush_denormal(False)
         torch.set_num_threads(before)

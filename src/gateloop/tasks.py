@@ -33,7 +33,7 @@ from .config import RULES, apply, read_toml
 from .data import synthetic
 from .errors import StopRequested, UserError
 from .fileio import atomic_write_text
-from .loop import torch_threads, train_steps
+from .loop import cpu_settings, train_steps
 from .models.config import ModelConfig
 from .optim import make_optimizer
 from .plots import plot_learning_curve
@@ -209,7 +209,7 @@ def train_task(cfg: TaskRunConfig, out_dir: str | Path, *, progress: bool = True
     enough that torchrun would only add overhead, so it is refused."""
     if distributed.world_size_from_env() > 1:
         raise UserError("gateloop task run trains in one process: run it without torchrun")
-    with torch_threads(cfg.train.threads):
+    with cpu_settings(cfg.train.threads):
         return _train_task(cfg, Path(out_dir), progress)
 
 

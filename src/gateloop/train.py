@@ -31,7 +31,7 @@ from .data import (build_tokenizer, document_texts, encode_splits, load_corpus, 
                    split_documents, unigram_bits_per_byte)
 from .errors import StopRequested, UserError
 from .fileio import atomic_write_text
-from .loop import torch_threads, train_steps
+from .loop import cpu_settings, train_steps
 from .optim import make_optimizer
 from .plots import plot_losses
 
@@ -132,7 +132,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, progress
     out_dir's trainer_state.pt with the same batches, learning rates and optimizer state as an
     uninterrupted run.
     """
-    with torch_threads(cfg.train.threads):
+    with cpu_settings(cfg.train.threads):
         dist = distributed.init(cfg.train.device)
         try:
             metrics = _train(cfg, Path(out_dir), resume, progress, dist)
