@@ -136,7 +136,8 @@ def test_bad_state_shape_raises():
     ("cpu", 16, True, True, "scan"), ("cpu", 64, True, True, "scan"),
     ("cpu", 16, True, False, "scan"), ("cpu", 32, True, False, "chunk"), ("cpu", 64, True, False, "chunk"),
     ("cuda", 16, True, False, "chunk"), ("cuda", 64, True, True, "chunk"),
-    ("cpu", 16, False, True, "chunk"), ("cpu", 64, False, True, "chunk"), ("cuda", 64, False, False, "chunk"),
+    ("cpu", 16, False, True, "scan"), ("cpu", 32, False, True, "chunk"), ("cpu", 64, False, True, "chunk"),
+    ("cpu", 16, False, False, "chunk"), ("cuda", 64, False, False, "chunk"),
 ])
 def test_pick_mode_follows_the_measurements(device, head_dim, per_channel, fused, expected):
     """The choice of mode=None (docs/performance.md, "Which mode mode=None picks"), not its timings."""
@@ -148,7 +149,7 @@ def test_pick_mode_follows_the_measurements(device, head_dim, per_channel, fused
     ("cpu", 16, False, False, "chunk"), ("cuda", 16, False, False, "chunk"), ("cpu", 64, True, True, "scan"),
 ])
 def test_pick_mode_without_gradients(device, head_dim, per_channel, fused, expected):
-    """Forward only, the scan kernel keeps two state rows: it wins for small heads."""
+    """Forward only, the scan kernel keeps the final state alone: it wins up to head_dim 32."""
     assert pick_mode(device, head_dim, per_channel, fused, grad=False) == expected
 
 

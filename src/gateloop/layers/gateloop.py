@@ -25,12 +25,13 @@ def pick_mode(device_type: str, head_dim: int, per_channel_decay: bool, fused_sc
     follow (training) or not (evaluation, a prompt under torch.no_grad).
 
     - head_dim 1 (max-headed): "scan"; the chunk form's C x C matrices are outer products of scalars.
-    - a decay per key channel, on CPU with the fused scan kernels: "scan", 2.7x to 6.6x faster than
-      the chunk form to train (8x to 17x forward), whose [C, C, K] decays are elementwise work.
+    - a decay per key channel, on CPU with the fused scan kernels: "scan", 7.6x to 8.7x faster than
+      the chunk form to train (8.6x to 27x forward), whose [C, C, K] decays are elementwise work.
       Without the kernels the PyTorch scan, which passes every [K, V] state through memory, still
       wins at head_dim 16 (x1.5) and loses at 64 (x0.5): "scan" up to head_dim 16.
-    - one decay per head on CPU with the kernels, forward only: "scan" up to head_dim 32 (x1.4 to
-      x1.9: the kernel keeps two state rows, not T); to train, "chunk", 1.5x to 5x faster.
+    - one decay per head on CPU with the kernels: to train, "scan" up to head_dim 16 (x1.5 to x2.0),
+      "chunk" above (x1.3 to x2.7, its products win as the [K, V] state grows); forward only, "scan"
+      up to head_dim 32 (x5 to x8: without gradients the kernel keeps the final state alone).
     - everything else (other devices, where the kernels do not run): "chunk", made of matrix products.
     """
     if head_dim == 1:
@@ -38,7 +39,7 @@ def pick_mode(device_type: str, head_dim: int, per_channel_decay: bool, fused_sc
     if device_type == "cpu":
         if per_channel_decay and (fused_scan or head_dim <= 16):
             return "scan"
-        if fused_scan and not grad and head_dim <= 32:
+        if fused_scan and head_dim <= (16 if grad else 32):
             return "scan"
     return "chunk"
 
