@@ -27,9 +27,10 @@ CSRC = Path(__file__).parent / "csrc"
 
 def build_directory(source: Path, native: bool = False) -> Path:
     """Where a kernel is cached: $GATELOOP_CACHE (default ~/.cache/gateloop), per torch version and per
-    source text (the file's and its directory's headers), so that upgrading torch or editing the kernel rebuilds it, and two checkouts with
-    different sources do not rebuild each other's; a kernel built for this CPU's instruction set also
-    per CPU, so that a cache shared by machines of a cluster never runs one CPU's build on another."""
+    source text (the file's and every header beside it), so that upgrading torch or editing the kernel
+    or a header it includes rebuilds it, and two checkouts with different sources do not rebuild each
+    other's; a kernel built for this CPU's instruction set also per CPU, so that a cache shared by
+    machines of a cluster never runs one CPU's build on another."""
     root = Path(os.environ.get("GATELOOP_CACHE", Path.home() / ".cache" / "gateloop"))
     headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # what it may #include
     key = source.read_bytes() + headers + (_cpu_identity().encode() if native else b"")

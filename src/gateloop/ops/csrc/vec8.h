@@ -17,7 +17,8 @@ typedef int32_t i8 __attribute__((vector_size(32)));
 inline f8 round8(f8 x) { return (x + 12582912.0f) - 12582912.0f; }
 
 // e^x = 2^n e^r, n = round(x / ln 2), |r| <= ln 2 / 2, e^r by its degree-6 Taylor polynomial:
-// relative error below 2e-7, about 2 ulp. Below -87 it is 0 and above 88 infinity, as in float32,
+// relative error below 2e-7, about 2 ulp. Above 88 it is infinity, as in float32, and below -87 it is
+// 0 where float32 would go through subnormals (slow, and below anything the kernels' sums resolve),
 // so log a = -inf (a = 0) and the saturating forms of sigmoid and tanh stay exact; NaN stays NaN.
 inline f8 exp8(const f8 x0) {
   const f8 lo = f8{} - 87.0f, hi = f8{} + 88.0f;
