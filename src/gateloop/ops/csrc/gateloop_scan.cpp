@@ -307,26 +307,30 @@ void head_backward_loop(const T* q, const T* k, const T* v, const T* log_a, cons
             const T a_re = ar[d], a_im = CPLX ? ai[d] : T(0), q_i = q_[i], k_i = k_[i];
             const T *sr_i = sr + i * V, *pr_i = pr + i * V, *pi_i = pi + i * V;
             T *rr_i = rr.data() + i * V, *ri_i = ri.data() + i * V;
-            T dq_i = T(0), dk_i = T(0), g_re = T(0), g_im = T(0);
-#pragma GCC ivdep
-            for (int64_t jv = 0; jv < V; ++jv) {
+            // Over V in explicit lanes (vec8.h): dq, dk and dlog_a are sums over V, and a compiler
+            // keeps a float sum in order, one lane at a time, unless told it may reassociate.
+            using Vec = typename Lanes<T>::V;
+            Vec dq_v{}, dk_v{}, g_re_v{}, g_im_v{};
+            for (int64_t jv = 0; jv < V; jv += Lanes<T>::W) {
               // r_t = q_t do_t^T + conj(a_{t+1}) r_{t+1}
-              T re = n_re * rr_i[jv] + q_i * do_[jv], im = T(0);
+              const Vec r_re = load(rr_i, jv, V), r_im = CPLX ? load(ri_i, jv, V) : Vec{}, d_o = load(do_, jv, V);
+              Vec re = n_re * r_re + q_i * d_o, im{};
               if constexpr (CPLX) {
-                re += n_im * ri_i[jv];
-                im = n_re * ri_i[jv] - n_im * rr_i[jv];
-                ri_i[jv] = im;
+                re += n_im * r_im;
+                im = n_re * r_im - n_im * r_re;
+                store(ri_i, jv, V, im);
               }
-              rr_i[jv] = re;
-              dq_i += sr_i[jv] * do_[jv];
-              dk_i += re * v_[jv];
-              dv_acc[jv] += re * k_i;
+              store(rr_i, jv, V, re);
+              dq_v += load(sr_i, jv, V) * d_o;
+              dk_v += re * load(v_, jv, V);
+              store(dv_acc.data(), jv, V, load(dv_acc.data(), jv, V) + re * k_i);
               // dlog_a: sum_j r conj(a S_{t-1}) (u = a S_{t-1})
-              const T u_re = a_re * pr_i[jv] - (CPLX ? a_im * pi_i[jv] : T(0));
-              const T u_im = CPLX ? a_re * pi_i[jv] + a_im * pr_i[jv] : T(0);
-              g_re += re * u_re + im * u_im;
-              g_im += im * u_re - re * u_im;
+              const Vec p_re = load(pr_i, jv, V), p_im = CPLX ? load(pi_i, jv, V) : Vec{};
+              const Vec u_re = a_re * p_re - a_im * p_im, u_im = a_re * p_im + a_im * p_re;
+              g_re_v += re * u_re + im * u_im;
+              g_im_v += im * u_re - re * u_im;
             }
+            const T dq_i = lane_sum(dq_v), dk_i = lane_sum(dk_v), g_re = lane_sum(g_re_v), g_im = lane_sum(g_im_v);
             dq[row * K + i] = dq_i;
             dk[row * K + i] = dk_i;
             da_re[i] = g_re;

@@ -115,6 +115,14 @@ inline std::pair<f8, f8> load_pairs(const float* p, int64_t n, int64_t N) {
 }
 inline std::pair<double, double> load_pairs(const double* p, int64_t n, int64_t) { return {p[2 * n], p[2 * n + 1]}; }
 
+// The sum of a vector's lanes.
+inline float lane_sum(f8 v) {
+  float lanes[8];
+  std::memcpy(lanes, &v, sizeof lanes);
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+inline double lane_sum(double v) { return v; }
+
 inline f8 exp_(f8 x) { return exp8(x); }
 inline double exp_(double x) { return std::exp(x); }
 
