@@ -34,7 +34,9 @@ def inputs(B, T, H, *, complex_, init, K=1, V=1, Kd=1, dtype=torch.float64, seed
 
 
 SHAPES = {"max-headed": dict(K=1, V=1, Kd=1), "decay-per-channel": dict(K=5, V=3, Kd=5),
-          "decay-per-head": dict(K=4, V=6, Kd=1), "K=1,V=4": dict(K=1, V=4, Kd=1)}
+          "decay-per-head": dict(K=4, V=6, Kd=1), "K=1,V=4": dict(K=1, V=4, Kd=1),
+          # the backward sums eight rows of the state at once, and V in lanes of 8: a group and a tail
+          "K=9,V=17": dict(K=9, V=17, Kd=9)}
 
 
 def outputs_and_grads(fn, args, S0):

@@ -301,40 +301,46 @@ void head_backward_loop(const T* q, const T* k, const T* v, const T* log_a, cons
           const T *nr_ = t + 1 < t1 ? ar + Kd : nr.data(), *ni_ = t + 1 < t1 ? ai + Kd : ni.data();  // a_{t+1}
           const T *pr = sb_re.data() + j * KV, *pi = sb_im.data() + j * KV, *sr = pr + KV;  // S_{t-1}, S_t
           for (int64_t jv = 0; jv < V; ++jv) dv_acc[jv] = T(0);
-          for (int64_t i = 0; i < K; ++i) {
-            const int64_t d = Kd == 1 ? 0 : i;
-            const T n_re = nr_[d], n_im = CPLX ? ni_[d] : T(0);
-            const T a_re = ar[d], a_im = CPLX ? ai[d] : T(0), q_i = q_[i], k_i = k_[i];
-            const T *sr_i = sr + i * V, *pr_i = pr + i * V, *pi_i = pi + i * V;
-            T *rr_i = rr.data() + i * V, *ri_i = ri.data() + i * V;
-            // Over V in explicit lanes (vec8.h): dq, dk and dlog_a are sums over V, and a compiler
-            // keeps a float sum in order, one lane at a time, unless told it may reassociate.
-            using Vec = typename Lanes<T>::V;
-            Vec dq_v{}, dk_v{}, g_re_v{}, g_im_v{};
-            for (int64_t jv = 0; jv < V; jv += Lanes<T>::W) {
-              // r_t = q_t do_t^T + conj(a_{t+1}) r_{t+1}
-              const Vec r_re = load(rr_i, jv, V), r_im = CPLX ? load(ri_i, jv, V) : Vec{}, d_o = load(do_, jv, V);
-              Vec re = n_re * r_re + q_i * d_o, im{};
-              if constexpr (CPLX) {
-                re += n_im * r_im;
-                im = n_re * r_im - n_im * r_re;
-                store(ri_i, jv, V, im);
+          // Over V in explicit lanes (vec8.h): dq, dk and dlog_a are sums over V, which a compiler
+          // keeps in order, one lane at a time, unless told it may reassociate; each row's partial
+          // sums wait in acc, and eight rows are summed at once.
+          using Vec = typename Lanes<T>::V;
+          Vec acc[4][8];  // dq, dk, Re and Im of dlog_a, for rows i0 .. i0 + 7
+          for (int64_t i0 = 0; i0 < K; i0 += 8) {
+            const int64_t rows = std::min<int64_t>(8, K - i0);
+            for (int64_t r = 0; r < rows; ++r) {
+              const int64_t i = i0 + r, d = Kd == 1 ? 0 : i;
+              const T n_re = nr_[d], n_im = CPLX ? ni_[d] : T(0);
+              const T a_re = ar[d], a_im = CPLX ? ai[d] : T(0), q_i = q_[i], k_i = k_[i];
+              const T *sr_i = sr + i * V, *pr_i = pr + i * V, *pi_i = pi + i * V;
+              T *rr_i = rr.data() + i * V, *ri_i = ri.data() + i * V;
+              Vec dq_v{}, dk_v{}, g_re_v{}, g_im_v{};
+              for (int64_t jv = 0; jv < V; jv += Lanes<T>::W) {
+                // r_t = q_t do_t^T + conj(a_{t+1}) r_{t+1}
+                const Vec r_re = load(rr_i, jv, V), r_im = CPLX ? load(ri_i, jv, V) : Vec{};
+                const Vec d_o = load(do_, jv, V);
+                Vec re = n_re * r_re + q_i * d_o, im{};
+                if constexpr (CPLX) {
+                  re += n_im * r_im;
+                  im = n_re * r_im - n_im * r_re;
+                  store(ri_i, jv, V, im);
+                }
+                store(rr_i, jv, V, re);
+                dq_v += load(sr_i, jv, V) * d_o;
+                dk_v += re * load(v_, jv, V);
+                store(dv_acc.data(), jv, V, load(dv_acc.data(), jv, V) + re * k_i);
+                // dlog_a: sum_j r conj(a S_{t-1}) (u = a S_{t-1})
+                const Vec p_re = load(pr_i, jv, V), p_im = CPLX ? load(pi_i, jv, V) : Vec{};
+                const Vec u_re = a_re * p_re - a_im * p_im, u_im = a_re * p_im + a_im * p_re;
+                g_re_v += re * u_re + im * u_im;
+                g_im_v += im * u_re - re * u_im;
               }
-              store(rr_i, jv, V, re);
-              dq_v += load(sr_i, jv, V) * d_o;
-              dk_v += re * load(v_, jv, V);
-              store(dv_acc.data(), jv, V, load(dv_acc.data(), jv, V) + re * k_i);
-              // dlog_a: sum_j r conj(a S_{t-1}) (u = a S_{t-1})
-              const Vec p_re = load(pr_i, jv, V), p_im = CPLX ? load(pi_i, jv, V) : Vec{};
-              const Vec u_re = a_re * p_re - a_im * p_im, u_im = a_re * p_im + a_im * p_re;
-              g_re_v += re * u_re + im * u_im;
-              g_im_v += im * u_re - re * u_im;
+              acc[0][r] = dq_v, acc[1][r] = dk_v, acc[2][r] = g_re_v, acc[3][r] = g_im_v;
             }
-            const T dq_i = lane_sum(dq_v), dk_i = lane_sum(dk_v), g_re = lane_sum(g_re_v), g_im = lane_sum(g_im_v);
-            dq[row * K + i] = dq_i;
-            dk[row * K + i] = dk_i;
-            da_re[i] = g_re;
-            da_im[i] = g_im;
+            lane_sums(acc[0], rows, dq + row * K + i0);
+            lane_sums(acc[1], rows, dk + row * K + i0);
+            lane_sums(acc[2], rows, da_re.data() + i0);
+            if (CPLX) lane_sums(acc[3], rows, da_im.data() + i0);
           }
           for (int64_t jv = 0; jv < V; ++jv) dv[row * V + jv] = dv_acc[jv];
           T* dl = dlog_a + P * row * Kd;

@@ -56,15 +56,17 @@ inline void sincos8(f8 x, f8& s, f8& c) {
   c = neg_c ? -c0 : c0;
 }
 
+// Lanes of (a, b) picked by index, 0-7 from a and 8-15 from b (GCC and Clang spell it differently).
+#if defined(__clang__)
+#define SHUFFLE8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE8(a, b, ...) __builtin_shuffle(a, b, i8{__VA_ARGS__})
+#endif
+
 // The even and the odd lanes of the 16 values lo, hi: (real, imaginary) pairs split into two planes.
 inline void deinterleave8(f8 lo, f8 hi, f8& even, f8& odd) {
-#if defined(__clang__)
-  even = __builtin_shufflevector(lo, hi, 0, 2, 4, 6, 8, 10, 12, 14);
-  odd = __builtin_shufflevector(lo, hi, 1, 3, 5, 7, 9, 11, 13, 15);
-#else
-  even = __builtin_shuffle(lo, hi, i8{0, 2, 4, 6, 8, 10, 12, 14});
-  odd = __builtin_shuffle(lo, hi, i8{1, 3, 5, 7, 9, 11, 13, 15});
-#endif
+  even = SHUFFLE8(lo, hi, 0, 2, 4, 6, 8, 10, 12, 14);
+  odd = SHUFFLE8(lo, hi, 1, 3, 5, 7, 9, 11, 13, 15);
 }
 
 // Whether any lane of a comparison's result is set.
@@ -122,6 +124,25 @@ inline float lane_sum(f8 v) {
   return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
 inline double lane_sum(double v) { return v; }
+
+// out[r] = lane_sum(v[r]) for the n <= 8 vectors v: eight at once by a tree of shuffles and adds
+// that transposes as it sums (7 adds for 8 sums, where one at a time takes 7 each).
+inline void lane_sums(const f8* v, int64_t n, float* out) {
+  if (n < 8) {
+    for (int64_t r = 0; r < n; ++r) out[r] = lane_sum(v[r]);
+    return;
+  }
+  f8 pair[4], quad[2];
+  for (int r = 0; r < 4; ++r)  // lanes alternate v[2r], v[2r+1]
+    pair[r] = SHUFFLE8(v[2 * r], v[2 * r + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+              SHUFFLE8(v[2 * r], v[2 * r + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+  for (int r = 0; r < 2; ++r)  // lanes cycle through v[4r] .. v[4r+3]
+    quad[r] = SHUFFLE8(pair[2 * r], pair[2 * r + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+              SHUFFLE8(pair[2 * r], pair[2 * r + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  const f8 sums = SHUFFLE8(quad[0], quad[1], 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE8(quad[0], quad[1], 4, 5, 6, 7, 12, 13, 14, 15);
+  std::memcpy(out, &sums, sizeof sums);
+}
+inline void lane_sums(const double* v, int64_t n, double* out) { std::memcpy(out, v, sizeof(double) * n); }
 
 inline f8 exp_(f8 x) { return exp8(x); }
 inline double exp_(double x) { return std::exp(x); }
