@@ -169,8 +169,9 @@ def test_the_layer_asks_for_the_mode_with_its_grad_mode(monkeypatch):
     (dict(head_dim=1), "scan", "scan"),
     (dict(head_dim=4, decay="channel"), "scan", "scan"),
     (dict(head_dim=32, d_model=64, decay="channel"), "scan", "chunk"),
-    (dict(head_dim=4, decay="channel", transition="none", use_complex=False), "chunk", "chunk"),  # log_a [.., 1]
-    (dict(head_dim=4, decay="head"), "chunk", "chunk"),
+    (dict(head_dim=4, decay="channel", transition="none", use_complex=False), "scan", "chunk"),  # log_a [.., 1]
+    (dict(head_dim=4, decay="head"), "scan", "chunk"),
+    (dict(head_dim=32, d_model=64, decay="head"), "chunk", "chunk"),
 ])
 def test_auto_mode_reads_the_layer_and_the_kernels(opts, with_kernel, without, fused, monkeypatch):
     monkeypatch.setattr(gateloop_layer, "fused_scan_available", lambda x: fused)
